@@ -1,0 +1,1 @@
+"""sd3_jax: Spatial Dual Discrete Diffusion (SD³) in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Datasets: the spatial-scenes benchmark, VSD readers, scene graphs, input pipeline."""

@@ -1,0 +1,28 @@
+"""sd3_jax: Spatial Dual Discrete Diffusion (SD³, NeurIPS 2024) in JAX/Flax."""
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def _requirements():
+  lines = (_HERE / "requirements.txt").read_text().splitlines()
+  return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+setuptools.setup(
+    name="sd3_jax",
+    version="0.1.0",
+    description="SD³: synergistic dual spatial-aware image-to-text and text-to-image generation in JAX/Flax",
+    long_description=(_HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["sd3_jax", "sd3_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=_requirements(),
+    extras_require={
+        "test": ["pytest==9.0.3", "pycocoevalcap==1.2"],
+        "tpu": ["jax[tpu]==0.10.2"],
+        "cuda12": ["jax[cuda12]==0.10.2"],
+    },
+)

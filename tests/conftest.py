@@ -1,0 +1,30 @@
+"""Test set-up: 8 forced CPU devices so sharding is really exercised.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence at conftest import time.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TESTDATA = REPO / "tests" / "testdata"
+# The real VSD validation files live beside the checkout (CI copies shared/ next to the clone).
+SHARED_VSD = REPO.parent / "shared" / "data" / "vsd"
+
+
+@pytest.fixture
+def testdata():
+  return TESTDATA
+
+
+@pytest.fixture
+def shared_vsd():
+  if not SHARED_VSD.exists():
+    pytest.skip(f"real VSD files not found at {SHARED_VSD}")
+  return SHARED_VSD
