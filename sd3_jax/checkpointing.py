@@ -1,0 +1,50 @@
+"""Orbax checkpoints: the train state, the data-iterator state and the config, per stage.
+
+Each stage keeps its own `CheckpointManager` under `<workdir>/checkpoints/<stage>/`, so a
+run killed in stage k resumes there and later stages start from the finished earlier ones.
+Restores go onto whatever mesh the abstract target carries (shardings in the
+`jax.ShapeDtypeStruct`s), so a checkpoint written on one mesh restores onto another.
+"""
+import pathlib
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(directory, *, max_to_keep: int = 2, save_interval_steps: int = 1,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+      enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         data_state: Optional[dict] = None, config: Optional[dict] = None,
+         force: bool = False) -> bool:
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_state is not None:
+    items["data"] = ocp.args.JsonSave(data_state)
+  if config is not None:
+    items["config"] = ocp.args.JsonSave(config)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def abstract(tree, shardings):
+  """`jax.ShapeDtypeStruct`s carrying the target shardings, for restoring onto a mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None,
+            with_data: bool = True):
+  """Returns (step, state, data_state or None) of `step` (default: the latest)."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if with_data and (pathlib.Path(manager.directory) / str(step) / "data").exists():
+    items["data"] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return step, restored["state"], restored.get("data") if "data" in items else None

@@ -1,0 +1,66 @@
+"""Meshes, logical-axis rules, and shardings for states and batches.
+
+One mesh (`data`, `fsdp`, `tensor`) for everything. Models name their axes logically
+(`'batch'`, `'embed'`, ...); `config.logical_axis_rules` maps names to mesh axes.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_shape: Sequence[tuple[str, int]], devices=None) -> Mesh:
+  """Builds the mesh from `[(axis, size), ...]`; one size may be -1 (fill with the rest)."""
+  devices = list(jax.devices() if devices is None else devices)
+  names = tuple(name for name, _ in mesh_shape)
+  if names != MESH_AXES:
+    raise ValueError(f"mesh axes must be {MESH_AXES}, got {names}")
+  sizes = [size for _, size in mesh_shape]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {mesh_shape}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into mesh {mesh_shape}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"have {len(devices)}")
+  # Auto axes: logical constraints need them (jax.make_mesh defaults to Explicit).
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def rules(config) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.logical_axis_rules)
+
+
+def logical_to_sharding(tree, mesh: Mesh, axis_rules):
+  """Shardings for a tree of logically partitioned values (boxed params or specs)."""
+  specs = nn.get_partition_spec(tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch -> global jax.Arrays sharded on the batch axis."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

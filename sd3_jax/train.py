@@ -1,0 +1,139 @@
+"""The training loop: data stage, then each configured stage as one jitted step in a loop.
+
+`fit` is the one loop every stage uses: restore-or-init from the stage's checkpoints, run
+`(state, batch, rng) -> (state, metrics)` with rng = fold_in(stage key, step), log progress,
+write metrics, save checkpoints (also on SIGTERM), stop on a non-finite loss.
+"""
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+
+from sd3_jax import checkpointing
+from sd3_jax import metrics as metrics_lib
+from sd3_jax import sharding as sharding_lib
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def compile_step(step_fn: Callable, state_sharding, mesh) -> Callable:
+  """jit with explicit shardings; the state is donated (updated in place)."""
+  return jax.jit(
+      step_fn,
+      in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh),
+                    sharding_lib.replicated(mesh)),
+      out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+      donate_argnums=0)
+
+
+def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batches,
+        mesh, workdir, num_steps: int, batch_size: int, rng: jax.Array,
+        log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 2,
+        writer: Optional[metrics_lib.MetricWriter] = None,
+        periodic: Optional[Callable[[int, Any], None]] = None, periodic_every: int = 0,
+        to_global: Optional[Callable] = None) -> Any:
+  """Runs one stage to `num_steps`, resuming from `<workdir>/checkpoints/<stage>` if present.
+
+  `batches` is an iterator of host-local numpy batches with grain's `get_state()` /
+  `set_state()`; its state is checkpointed with the train state so a resumed run reads
+  exactly the batches it would have read.
+  """
+  workdir = pathlib.Path(workdir)
+  manager = checkpointing.make_manager(workdir / "checkpoints" / stage,
+                                       max_to_keep=keep_checkpoints)
+  to_global = to_global or (lambda b: sharding_lib.to_global(b, mesh))
+  if manager.latest_step() is not None:
+    abstract = checkpointing.abstract(state, state_sharding)
+    start, state, data_state = checkpointing.restore(manager, abstract)
+    if data_state is not None and hasattr(batches, "set_state"):
+      batches.set_state(_decode_data_state(data_state))
+    metrics_lib.say(f"[{stage}] resumed at step {start}")
+  else:
+    start = 0
+  if start >= num_steps:
+    manager.close()
+    return state
+
+  jitted = compile_step(step_fn, state_sharding, mesh)
+  progress = metrics_lib.Progress(stage, num_steps, batch_size, start_step=start)
+  last_logged = start
+  step = start
+  with _Preemption() as preemption:
+    for step in range(start + 1, num_steps + 1):
+      batch = to_global(next(batches))
+      state, step_metrics = jitted(state, batch, jax.random.fold_in(rng, step))
+      if step % log_every == 0 or step == num_steps:
+        host = jax.device_get(step_metrics)
+        bad = [k for k, v in host.items() if not np.all(np.isfinite(v))]
+        if bad:
+          raise FloatingPointError(
+              f"[{stage}] non-finite {', '.join(bad)} between steps {last_logged + 1} and {step}")
+        perf = progress.log(step, host)
+        if writer is not None:
+          writer.write(step, {**{f"train/{stage}/{k}": v for k, v in host.items()}, **perf},
+                       stage=stage)
+        last_logged = step
+      if periodic is not None and periodic_every and step % periodic_every == 0:
+        periodic(step, state)
+      if step % checkpoint_every == 0 or step == num_steps or preemption.requested:
+        checkpointing.save(manager, step, state, _data_state(batches), force=True)
+      if preemption.requested:
+        manager.wait_until_finished()
+        manager.close()
+        metrics_lib.say(f"[{stage}] SIGTERM: saved step {step}, exiting")
+        sys.exit(143)
+  manager.wait_until_finished()
+  manager.close()
+  if writer is not None:
+    writer.flush()
+  return state
+
+
+def _data_state(batches) -> Optional[dict]:
+  if not hasattr(batches, "get_state"):
+    return None
+  state = batches.get_state()
+  # grain states are JSON-able dicts or bytes; keep bytes JSON-safe.
+  if isinstance(state, bytes):
+    return {"bytes": state.decode("latin-1")}
+  return {"state": state}
+
+
+def _decode_data_state(data_state: dict):
+  if "bytes" in data_state:
+    return data_state["bytes"].encode("latin-1")
+  return data_state["state"]
+
+
+def run(config, workdir) -> dict:
+  """The main job. Today: the data stage (generate, prepare, iterate, report)."""
+  from sd3_jax.data import stage as data_stage
+
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  report = data_stage.run(config, workdir)
+  (workdir / "data_report.json").write_text(json.dumps(report, indent=2))
+  return report

@@ -1,0 +1,23 @@
+import pathlib
+
+import pytest
+
+from sd3_jax import config_lib
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
+
+
+def test_parse_arg_types_and_unknown_keys():
+  arg = config_lib.parse_arg("tiny,variant=singleton,steps=5", tiny=False, variant="sd3",
+                             steps=1)
+  assert arg.tiny is True and arg.variant == "singleton" and arg.steps == 5
+  with pytest.raises(ValueError, match="unknown config argument 'tnyi'"):
+    config_lib.parse_arg("tnyi", tiny=False)
+  with pytest.raises(ValueError, match="needs a value"):
+    config_lib.parse_arg("steps", steps=1)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.py")))
+def test_experiment_files_load_without_jax(name):
+  config = config_lib.load_config(EXPERIMENTS / name, "tiny")
+  assert config.data.batch_size > 0
