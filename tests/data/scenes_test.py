@@ -1,0 +1,178 @@
+"""Tests for the spatial-scenes generator, renderer, graphs and dataset writer."""
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from sd3_jax.data import render
+from sd3_jax.data import scenes
+from sd3_jax.data import schema
+
+
+def _record(seed, size=64):
+  ex = scenes.make_example(seed, image_size=size)
+  return ex, scenes.scene_to_record(ex.scene, f"images/t/{seed}.png", rendered=ex.rendered,
+                                    described=ex.described)
+
+
+def test_same_seed_same_image_and_record():
+  ex1, rec1 = _record(11)
+  ex2, rec2 = _record(11)
+  assert ex1.rendered.image.tobytes() == ex2.rendered.image.tobytes()
+  assert json.dumps(rec1) == json.dumps(rec2)
+  # The record renders by itself when not given a render, identically.
+  assert json.dumps(scenes.scene_to_record(ex1.scene, "images/t/11.png")) == json.dumps(rec1)
+
+
+def test_different_seeds_differ():
+  images = {_record(s)[0].rendered.image.tobytes() for s in range(20)}
+  assert len(images) == 20
+  assert scenes.generate_scene(1) != scenes.generate_scene(2)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_image_dtype_shape_and_boxes(size):
+  for seed in range(30):
+    ex, rec = _record(seed, size)
+    assert ex.rendered.image.dtype == np.uint8
+    assert ex.rendered.image.shape == (size, size, 3)
+    assert rec["triple_list"]
+    for t in rec["triple_list"]:
+      assert t["p"] in schema.PREDICATES
+      for box in (t["s_bbox"], t["o_bbox"]):
+        y0, y1, x0, x1 = box
+        assert 0 <= y0 <= y1 < size and 0 <= x0 <= x1 < size
+
+
+def test_box_matches_visible_mask():
+  ex, rec = _record(3)
+  cols = [o.colour for o in ex.scene.objects]
+  for t, (i, _, _) in zip(rec["triple_list"], ex.described):
+    rows, cc = np.nonzero(ex.rendered.ids == i)
+    assert t["s_bbox"] == [rows.min(), rows.max(), cc.min(), cc.max()]
+    assert t["s"].split()[1] == cols[i]
+
+
+def test_scene_geometry_is_valid():
+  for seed in range(200):
+    sc = scenes.generate_scene(seed)
+    obs = sc.objects
+    assert 2 <= len(obs) <= 5
+    assert len({o.colour for o in obs}) == len(obs)  # colours unique
+    for i, a in enumerate(obs):
+      assert (a.pose is not None) == (a.shape in scenes.ASYMMETRIC)
+      if a.support >= 0:
+        s = obs[a.support]
+        assert s.support < 0 and s.shape in scenes.SUPPORTERS
+        assert a.y0 == pytest.approx(s.height)
+        assert np.hypot(a.x - s.x, a.z - s.z) + a.half <= s.half + 1e-9
+        continue
+      assert a.y0 == 0.0
+      for b in obs[i + 1:]:
+        if b.support < 0:  # no interpenetration on the ground
+          assert np.hypot(a.x - b.x, a.z - b.z) >= a.radius + b.radius
+
+
+def test_pair_margin_definitions():
+  a, b = scenes.Geom(0.0, 2.0, 0.3, None), scenes.Geom(1.0, 0.0, 0.3, None)
+  m = lambda p: scenes.pair_margin(a, b, "red", "blue", p)
+  assert m("to the left of") == pytest.approx(1.0 - scenes.M_LR)
+  assert m("to the right of") == pytest.approx(-1.0 - scenes.M_LR)
+  assert m("behind") == pytest.approx(2.0 - scenes.M_FB)
+  assert m("in front of") < 0 and m("on") < 0 and m("under") < 0 and m("above") < 0
+  assert m("next to") == pytest.approx(scenes.G_NEXT - (np.sqrt(5) - 0.6))
+  top = scenes.Geom(1.0, 0.0, 0.3, "blue")
+  assert scenes.pair_margin(top, b, "red", "blue", "on") > 0
+  assert scenes.pair_margin(b, top, "blue", "red", "under") > 0
+  assert scenes.pair_margin(top, b, "red", "blue", "next to") < 0
+  with pytest.raises(ValueError):
+    m("inside of")
+
+
+def _check_graph(g):
+  n = len(g["nodes"])
+  for node in g["nodes"]:
+    assert node["type"] in schema.NODE_TYPES and isinstance(node["tag"], str)
+  for src, dst, et in g["edges"]:
+    assert 0 <= src < n and 0 <= dst < n and et in schema.EDGE_TYPES[1:]
+
+
+def test_3dsg_has_every_object_concept_and_part_of():
+  for seed in range(40):
+    ex, rec = _record(seed)
+    g = rec["scene_3dsg"]
+    _check_graph(g)
+    objs = [i for i, n in enumerate(g["nodes"]) if n["type"] == "object"]
+    assert [g["nodes"][i]["tag"] for i in objs] == [o.shape for o in ex.scene.objects]
+    concepts = [i for i, n in enumerate(g["nodes"]) if n["type"] == "concept"]
+    assert len(concepts) == 1 and g["nodes"][concepts[0]]["tag"] == ex.scene.concept
+    part_of = {s for s, d, et in g["edges"] if et == "part-of" and d == concepts[0]}
+    assert part_of == set(objs)
+    for r in (i for i, n in enumerate(g["nodes"]) if n["type"] == "relation"):
+      assert g["nodes"][r]["tag"] in schema.PREDICATES
+    _check_graph(rec["vsg"])
+    _check_graph(rec["tsg"])
+
+
+def test_vsg_has_no_hidden_object_and_differs_from_3dsg_sometimes():
+  hidden_scenes = vsg_differs = partly_hidden = 0
+  for seed in range(150):
+    ex, rec = _record(seed)
+    frac = ex.rendered.visible_fraction
+    colours = [o.colour for o in ex.scene.objects]
+    vsg_colours = [n["tag"] for n in rec["vsg"]["nodes"] if n["type"] == "attribute"]
+    # Exactly the objects with enough visible pixels, and never one with none.
+    assert sorted(vsg_colours) == sorted(
+        c for c, f in zip(colours, frac) if f >= scenes.MIN_VISIBLE_VSG)
+    for c in vsg_colours:
+      assert (ex.rendered.ids == colours.index(c)).any()
+    hidden_scenes += len(vsg_colours) < len(colours)
+    partly_hidden += bool(np.any((frac > 0) & (frac < 0.95)))
+    vsg_tags = sorted(n["tag"] for n in rec["vsg"]["nodes"] if n["type"] == "relation")
+    g3_tags = sorted(n["tag"] for n in rec["scene_3dsg"]["nodes"] if n["type"] == "relation")
+    vsg_differs += vsg_tags != g3_tags
+  assert hidden_scenes >= 3      # occlusion hides whole objects in some scenes
+  assert partly_hidden >= 15     # and parts of objects in more
+  assert vsg_differs >= 50
+
+
+def test_vsg_relation_from_boxes():
+  # Far object higher up in the image, same columns: "above" (the perspective illusion).
+  assert scenes.vsg_relation([2, 8, 10, 20], [20, 40, 8, 25]) == "above"
+  assert scenes.vsg_relation([20, 40, 8, 25], [2, 8, 10, 20]) == "under"
+  assert scenes.vsg_relation([10, 30, 10, 30], [12, 28, 14, 34]) == "in front of"
+  assert scenes.vsg_relation([10, 20, 0, 5], [10, 20, 30, 40]) == "to the left of"
+  assert scenes.vsg_relation([10, 20, 30, 40], [10, 20, 0, 5]) == "to the right of"
+
+
+def test_paint_order_occludes():
+  # A small sphere right behind a large cube is hidden by it; alone it is visible.
+  obj = lambda shape, colour, size, z: scenes.SceneObject(
+      shape, colour, size, None, 0.0, z, 0.0, *scenes.SIZES[size], 0.0, -1)
+  cube, ball = obj("cube", "red", "large", 0.0), obj("sphere", "blue", "small", 1.05)
+  both = render.render([ball, cube], "floor", 64)
+  assert render.draw_order([ball, cube]) == [0, 1]  # far first
+  alone = render.render([ball], "floor", 64)
+  assert alone.visible_fraction[0] == 1.0
+  assert both.full_area[0] == alone.full_area[0]
+  assert both.visible_fraction[0] < 0.5 and both.visible_fraction[1] == 1.0
+
+
+def test_write_dataset(tmp_path):
+  counts = scenes.write_dataset(str(tmp_path), 3, 2, 2, seed=5, image_size=32,
+                                progress=False)
+  assert counts == {"train": 3, "val": 2, "test": 2}
+  for split, n in counts.items():
+    recs = json.loads((tmp_path / f"{split}.json").read_text())
+    assert len(recs) == n
+    for rec in recs:
+      img = np.asarray(Image.open(tmp_path / rec["image"]))
+      assert img.shape == (32, 32, 3) and rec["img_id"].startswith(split)
+      assert rec["captions"] and rec["captions_v2"] and rec["triple_list"]
+  # A split does not depend on the others' sizes: reproducible on its own.
+  other = tmp_path / "other"
+  scenes.write_dataset(str(other), 1, 2, 0, seed=5, image_size=32, progress=False)
+  assert (other / "val.json").read_text() == (tmp_path / "val.json").read_text()
+  seeds = {scenes.split_seed(5, sp, i) for sp in scenes.SPLITS for i in range(100)}
+  assert len(seeds) == 300  # disjoint seed streams
