@@ -29,8 +29,8 @@ def get_config(arg=None):
   data.batch_size = 64  # global batch
   data.max_text_len = 24
   data.text_vocab_size = 256
-  data.max_nodes = 40
-  data.max_edges = 64
+  data.max_nodes = 48
+  data.max_edges = 80
   data.graph_overflow = "error"  # error | truncate (truncations are counted and reported)
   data.num_workers = 0  # grain worker processes; 0 = in-process
   data.check_batches = 50  # batches the data stage reads back to report throughput

@@ -61,6 +61,10 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def to_global(batch: dict, mesh: Mesh) -> dict:
-  """Host-local numpy batch -> global jax.Arrays sharded on the batch axis."""
+  """Host-local numpy batch -> global jax.Arrays sharded on the batch axis.
+
+  Host-only fields (strings, e.g. eval `references`) stay behind.
+  """
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}

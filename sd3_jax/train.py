@@ -133,7 +133,9 @@ def run(config, workdir) -> dict:
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  config.data.dir = data_stage.data_dir(config, workdir)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  report = data_stage.run(config, workdir)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  report = data_stage.run(config, mesh)
   (workdir / "data_report.json").write_text(json.dumps(report, indent=2))
   return report
