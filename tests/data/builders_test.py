@@ -1,0 +1,145 @@
+"""Tests for sd3_jax.data.builders: TF-free array_record preparation and the data stage."""
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from sd3_jax.data import builders
+from sd3_jax.data import graphs
+from sd3_jax.data import vsd
+from sd3_jax.data.schema import DataError
+
+CFG = dict(num_train=20, num_val=6, num_test=6, scene_seed=3, image_size=32, max_nodes=40,
+           max_edges=64, graph_overflow="error", text_vocab_size=96, max_text_len=16)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("scenes")
+  return data_dir, builders.prepare_spatial_scenes(data_dir, CFG)
+
+
+def test_prepare_writes_array_record_with_the_right_counts(prepared):
+  data_dir, info = prepared
+  raw = pathlib.Path(info["raw_dir"])
+  builder = builders.spatial_scenes_builder(data_dir, CFG)
+  assert builder.is_prepared()
+  for split in builders.SPLITS:
+    assert list(pathlib.Path(info["tfds_dir"]).glob(f"spatial_scenes-{split}.array_record-*"))
+  for split in builders.SPLITS:
+    records = vsd.load_records(raw / f"{split}.json")
+    source = builder.as_data_source(split)
+    assert len(source) == info["splits"][split]["num_images"] == len(records)
+    assert info["splits"][split]["num_captions"] == sum(len(r.captions) for r in records)
+    assert info["splits"][split]["num_captions_v2"] == sum(len(r.captions_v2) for r in records)
+  assert pathlib.Path(info["graph_vocab"]).exists()
+  assert info["text"]["vocab_size"] <= CFG["text_vocab_size"]
+
+
+def test_examples_follow_record_order_and_hold_padded_graphs(prepared):
+  data_dir, info = prepared
+  raw = pathlib.Path(info["raw_dir"])
+  vocab = graphs.GraphVocab.load(info["graph_vocab"])
+  builder = builders.spatial_scenes_builder(data_dir, CFG)
+  source = builder.as_data_source("val")
+  for i, r in enumerate(vsd.load_records(raw / "val.json")):
+    ex = source[i]
+    assert ex["img_id"].decode() == r.img_id
+    assert [c.decode() for c in ex["captions"]] == list(r.captions)
+    assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
+    assert json.loads(ex["vsg"]) == r.vsg
+    unpacked = builders.unpack_graphs(ex["graphs"], ["g3d", "vsg", "tsg"], 40, 64)
+    for field, prefix in builders.GRAPH_FIELDS.items():
+      expected = graphs.pad_graph(graphs.SceneGraph.from_json(getattr(r, field)), vocab,
+                                  40, 64)
+      for key, value in expected.items():
+        np.testing.assert_array_equal(unpacked[f"{prefix}_{key}"], value)
+        assert unpacked[f"{prefix}_{key}"].dtype == value.dtype
+
+
+def test_prepare_is_idempotent(prepared):
+  data_dir, info = prepared
+  raw = pathlib.Path(info["raw_dir"])
+  mtime = (raw / "train.json").stat().st_mtime_ns
+  assert builders.prepare_spatial_scenes(data_dir, CFG) == info
+  assert (raw / "train.json").stat().st_mtime_ns == mtime
+
+
+def test_pack_unpack_round_trip_over_a_batch():
+  g1 = graphs.SceneGraph.from_json({
+      "nodes": [{"type": "object", "tag": "cube"}, {"type": "attribute", "tag": "red"},
+                {"type": "relation", "tag": "on"}, {"type": "object", "tag": "ball"}],
+      "edges": [[1, 0, "attr-of"], [0, 2, "subj"], [2, 3, "obj"]]})
+  g2 = graphs.SceneGraph.from_json({"nodes": [{"type": "object", "tag": "ball"}],
+                                    "edges": []})
+  vocab = graphs.GraphVocab.build([g1, g2])
+  examples = [[graphs.pad_graph(a, vocab, 5, 4), graphs.pad_graph(b, vocab, 5, 4)]
+              for a, b in ((g1, g2), (g2, g1))]
+  batch = np.stack([builders.pack_graphs(e) for e in examples])
+  assert batch.shape == (2, 2 * builders.packed_graph_size(5, 4))
+  out = builders.unpack_graphs(batch, ["a", "b"], 5, 4)
+  for i, example in enumerate(examples):
+    for prefix, padded in zip(("a", "b"), example):
+      for key, value in padded.items():
+        np.testing.assert_array_equal(out[f"{prefix}_{key}"][i], value)
+        assert out[f"{prefix}_{key}"].dtype == value.dtype
+  with pytest.raises(ValueError, match="expected"):
+    builders.unpack_graphs(batch, ["a"], 5, 4)
+
+
+def test_overflow_error_and_truncation_counts(tmp_path, prepared):
+  _, info = prepared
+  small = dict(CFG, max_nodes=8, max_edges=8)
+  with pytest.raises(DataError, match="max_nodes"):
+    builders.prepare_spatial_scenes(tmp_path / "err", small)
+  # Reuse the generated scenes: the builder reads them from the manual dir.
+  truncated = dict(small, graph_overflow="truncate")
+  builder = builders.spatial_scenes_builder(tmp_path / "trunc", truncated)
+  builder.download_and_prepare(file_format="array_record", download_config=(
+      tfds.download.DownloadConfig(manual_dir=info["raw_dir"])))
+  stats = builder.info.metadata["train"]["truncation"]
+  assert stats["graphs_seen"] == 3 * CFG["num_train"]
+  assert 0 < stats["graphs_truncated"] <= stats["graphs_seen"]
+  assert stats["nodes_dropped"] > 0
+  ex = builder.as_data_source("train")[0]
+  assert ex["graphs"].shape == (3 * builders.packed_graph_size(8, 8),)
+
+
+def test_missing_image_is_a_located_data_error(tmp_path, prepared):
+  _, info = prepared
+  raw = tmp_path / "raw"
+  shutil.copytree(info["raw_dir"], raw)
+  record = vsd.load_records(raw / "val.json")[2]
+  (raw / record.image).unlink()
+  builder = builders.spatial_scenes_builder(tmp_path / "out", CFG)
+  with pytest.raises(DataError) as e:
+    builder.download_and_prepare(file_format="array_record", download_config=(
+        tfds.download.DownloadConfig(manual_dir=str(raw))))
+  assert (e.value.file, e.value.record, e.value.field) == (str(raw / "val.json"), 2, "image")
+
+
+def test_bad_config_is_a_data_error():
+  with pytest.raises(DataError, match="graph_overflow"):
+    builders.spatial_scenes_config(dict(CFG, graph_overflow="drop"))
+
+
+def test_vsd_builder_on_the_fixture(tmp_path, testdata):
+  root = testdata / "vsd"
+  cfg = dict(max_nodes=24, max_edges=32, graph_overflow="truncate")
+  info = builders.prepare_vsd(tmp_path, root, "v1", cfg)
+  builder = builders.vsd_builder(tmp_path, "v1", cfg)
+  size = builders.packed_graph_size(24, 32)
+  for split in builders.SPLITS:
+    records = vsd.load_records(vsd.vsd_split_file(root, "v1", split))
+    source = builder.as_data_source(split)
+    assert len(source) == info["splits"][split]["num_images"] == len(records)
+    assert info["splits"][split]["num_captions"] == sum(len(r.captions) for r in records)
+    for i, r in enumerate(records):
+      ex = source[i]
+      assert ex["img_id"].decode() == r.img_id
+      assert ex["graphs"].shape == (size,)
+      assert ex["caption_graphs"].shape == (len(r.captions), size)
+      assert ex["image"].ndim == 3 and ex["image"].shape[-1] == 3
