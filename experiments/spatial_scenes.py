@@ -3,18 +3,32 @@ r"""The default experiment: SD³ on the embedded, procedurally generated spatial
 COMMAND:
   python -m sd3_jax.main --config=experiments/spatial_scenes.py --workdir=/tmp/sd3_scenes
 
-Test size: `--config=experiments/spatial_scenes.py:tiny`.
+Arguments (after the colon, comma-separated): `tiny` (the test size),
+`variant=singleton|singleton_3d|vanilla_dual|sd3`. Every value below can be overridden with
+`--config.<key>=<value>`; ablations are `--config.variant=...`, stage selection
+`--config.stages=0,1,2,3,4`.
 """
 import ml_collections
 
 from sd3_jax import config_lib
 
 
+def _stage(num_steps, lr, warmup_steps=50, weight_decay=1e-4):
+  return ml_collections.ConfigDict(dict(num_steps=num_steps, lr=lr, warmup_steps=warmup_steps,
+                                        weight_decay=weight_decay))
+
+
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, tiny=False, variant="sd3")
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.variant = arg.variant
+  config.mode = "train"  # train | eval | sample
+  config.variant = arg.variant  # singleton | singleton_3d | vanilla_dual | sd3
+  # Stage 0: VQ-VAE (0a), then encoders + tokenizer-side priors (0b); 1: DGAE; 2: G_V and
+  # G_T alignment; 3: 2DSG -> 3DSG graph diffusion; 4: the dual step.
+  config.stages = "0,1,2,3,4"
+  config.init_from = ml_collections.config_dict.placeholder(str)  # params-only warm start
+  config.resume = ml_collections.config_dict.placeholder(str)  # another run's workdir
 
   # The data stage: generate scenes -> graph vocab + tokenizer -> array_record -> batches.
   config.data = data = ml_collections.ConfigDict()
@@ -33,7 +47,61 @@ def get_config(arg=None):
   data.max_edges = 80
   data.graph_overflow = "error"  # error | truncate (truncations are counted and reported)
   data.num_workers = 0  # grain worker processes; 0 = in-process
-  data.check_batches = 50  # batches the data stage reads back to report throughput
+  data.check_batches = 20  # batches the data stage reads back to report throughput
+
+  # One discrete-diffusion setting for the three chains: the dual terms pair them at the
+  # same t, so they share T.
+  config.diffusion = diff = ml_collections.ConfigDict()
+  diff.kind = "mask_and_replace"  # mask_and_replace | absorbing | uniform
+  diff.schedule = "alpha1"  # alpha1 (VQ-Diffusion as released) | linear | cosine
+  diff.num_steps = 100
+  diff.aux_weight = 5e-4  # VQ-Diffusion's auxiliary x0 cross-entropy weight λ
+  diff.adaptive_aux = True  # w(t) = 2 - t/T
+  diff.cond_drop_rate = 0.1  # condition dropout: trains the null condition for guidance
+
+  config.model = model = ml_collections.ConfigDict()
+  model.vqvae = ml_collections.ConfigDict(dict(
+      codebook_size=256, embed_dim=32, base_channels=32, channel_mults=(1, 2, 2),
+      num_res_blocks=1, quantizer="ema", commitment=0.25, ema_decay=0.99, dead_code_steps=50))
+  model.clip = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4,
+                                              patch_size=8, embed_dim=128))
+  model.dgae = ml_collections.ConfigDict(dict(width=128, encoder_layers=4, decoder_layers=3,
+                                              num_heads=4, pair_width=64,
+                                              levels=(8, 5, 5, 5), edge_weight=5.0))
+  model.image_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4))
+  model.text_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4))
+  model.graph_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4))
+  model.text_decoder = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4))
+  model.prior = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4))
+  model.teacher_tokens = 16  # the image chain's hidden grid is pooled to this many tokens
+
+  # Shared optimizer settings; per-stage step counts and learning rates below.
+  config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, grad_clip=1.0,
+                                                end_lr_factor=0.1, ema_decay=0.99))
+  config.stage0a = _stage(600, 1e-3)  # VQ-VAE
+  config.stage0b = _stage(300, 1e-3)  # contrastive encoders + marginal priors p̂(y), p̂(i)
+  config.stage1 = _stage(500, 1e-3)  # DGAE
+  config.stage2 = _stage(300, 1e-3)  # G_V adapter + G_T
+  config.stage3 = _stage(400, 5e-4)  # graph diffusion
+  config.stage4 = _stage(500, 5e-4, warmup_steps=50, weight_decay=1e-2)  # dual
+
+  # Stage-4 loss weights (the variant switches terms off, see sd3_jax/steps.py).
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.image = 1.0
+  loss.text = 1.0
+  loss.graph = 1.0  # L_I23D + L_T23D
+  loss.kl = 1.0  # L_X-I23D + L_X-T23D (student -> teacher, eq. 2-3)
+  loss.teacher = 1.0  # the teacher branches' own graph loss
+  loss.dual = 0.01  # λ_dual on |log p̂(i) + log p(y|i) - log p̂(y) - log p(i|y)| (eq. 9)
+  loss.length = 0.1  # the text denoiser's length head
+
+  config.train = ml_collections.ConfigDict(dict(
+      log_every_steps=50, checkpoint_every_steps=200, keep_checkpoints=2,
+      sample_every_steps=0))  # 0: samples only at the end of a stage
+
+  config.eval = ml_collections.ConfigDict(dict(
+      num_samples=64, sampling_steps=50, truncation_r=0.86, guidance_scale=1.0,
+      batch_size=64, split="test"))
 
   config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   # Logical axis -> mesh axes. Activations shard on the batch; weights along fsdp/tensor.
@@ -59,5 +127,17 @@ def get_config(arg=None):
     data.batch_size = 8
     data.max_text_len = 16
     data.text_vocab_size = 96
-    data.check_batches = 4
+    data.check_batches = 2
+    diff.num_steps = 8
+    model.vqvae.update(codebook_size=32, embed_dim=8, base_channels=8, channel_mults=(1, 2, 2))
+    model.clip.update(width=16, num_layers=1, num_heads=2, patch_size=8, embed_dim=16)
+    model.dgae.update(width=16, encoder_layers=1, decoder_layers=1, num_heads=2, pair_width=8,
+                      levels=(3, 3))
+    for name in ("image_denoiser", "text_denoiser", "graph_denoiser", "text_decoder", "prior"):
+      model[name].update(width=16, num_layers=1, num_heads=2)
+    model.teacher_tokens = 4
+    for name in ("stage0a", "stage0b", "stage1", "stage2", "stage3", "stage4"):
+      config[name].update(num_steps=3, warmup_steps=1)
+    config.train.update(log_every_steps=1, checkpoint_every_steps=2)
+    config.eval.update(num_samples=8, sampling_steps=4, batch_size=8)
   return config
