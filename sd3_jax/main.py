@@ -21,8 +21,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # after flag parsing, so XLA flags from the environment apply
 
-  # Progress lines go to stdout (metrics.say); keep absl's INFO copies off the console.
-  logging.set_stderrthreshold("warning")
+  # Progress lines go to stdout (metrics.say); libraries' INFO chatter (orbax) stays off.
+  logging.set_verbosity(logging.WARNING)
 
   if os.environ.get("SD3_JAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()

@@ -15,9 +15,16 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
+import flax.linen as nn
+import ml_collections
+
 from sd3_jax import checkpointing
 from sd3_jax import metrics as metrics_lib
 from sd3_jax import sharding as sharding_lib
+from sd3_jax import steps
+from sd3_jax import train_state
+from sd3_jax.models import aligned_decoders
+from sd3_jax.models import sd3 as sd3_lib
 
 
 class _Preemption:
@@ -127,8 +134,33 @@ def _decode_data_state(data_state: dict):
   return data_state["state"]
 
 
+def _stage_optim(config, stage: str):
+  cfg = dict(config.optim)
+  cfg.update(dict(config[f"stage{stage}"]))
+  return ml_collections.ConfigDict(cfg)
+
+
+def init_model(model, config, mesh, batch, rng):
+  """Params and model state, created directly in their shardings; plus the boxed abstracts."""
+  axis_rules = sharding_lib.rules(config)
+  abstract = jax.eval_shape(model.init, rng, batch)
+  shardings = sharding_lib.logical_to_sharding(abstract, mesh, axis_rules)
+  init = jax.jit(lambda r, b: nn.meta.unbox(model.init(r, b)), out_shardings=shardings)
+  params, model_state = init(rng, batch)
+  return params, model_state, abstract
+
+
+def make_state(config, mesh, tx, params, model_state, abstract):
+  """A fresh stage state around `params`, with shardings derived from the logical names."""
+  axis_rules = sharding_lib.rules(config)
+  abstract_state = jax.eval_shape(lambda p, m: train_state.create(p, tx, m), *abstract)
+  state_sharding = sharding_lib.logical_to_sharding(abstract_state, mesh, axis_rules)
+  create = jax.jit(lambda p, m: train_state.create(p, tx, m), out_shardings=state_sharding)
+  return create(params, model_state), state_sharding
+
+
 def run(config, workdir) -> dict:
-  """The main job. Today: the data stage (generate, prepare, iterate, report)."""
+  """The main job: the data stage, then every configured training stage, then samples."""
   from sd3_jax.data import stage as data_stage
 
   workdir = pathlib.Path(workdir)
@@ -136,6 +168,49 @@ def run(config, workdir) -> dict:
   config.data.dir = data_stage.data_dir(config, workdir)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = sharding_lib.make_mesh(config.mesh)
-  report = data_stage.run(config, mesh)
-  (workdir / "data_report.json").write_text(json.dumps(report, indent=2))
-  return report
+  summary = {"data": data_stage.run(config, mesh)}
+  (workdir / "data_report.json").write_text(json.dumps(summary["data"], indent=2))
+
+  model = sd3_lib.SD3(config, text_vocab_size=summary["data"]["text"]["vocab_size"],
+                      graph_vocab_size=summary["data"]["graph_vocab_size"])
+  rng = jax.random.key(config.seed)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  first = sharding_lib.to_global(next(iter(_batches(config, "init"))), mesh)
+  params, model_state, abstract = init_model(model, config, mesh, first, rng)
+  stages = steps.stages_to_run(config)
+  metrics_lib.say(f"[train] variant {config.variant}: stages {', '.join(stages)}")
+  stage_seconds = {}
+  for stage in stages:
+    start = time.perf_counter()
+    optim = _stage_optim(config, stage)
+    tx = train_state.make_optimizer(optim, steps.trainable_mask(stage))
+    if stage == "2":  # G_V starts from the trained VQ decoder (eq. 5)
+      params = dict(params, g_v=aligned_decoders.load_vq_decoder(params["g_v"],
+                                                                 params["vqvae"]))
+    state, state_sharding = make_state(config, mesh, tx, params, model_state, abstract)
+    state = fit(stage=f"stage{stage}", step_fn=steps.make_train_step(model, config, stage, tx),
+                state=state, state_sharding=state_sharding, batches=_batches(config, stage),
+                mesh=mesh, workdir=workdir, num_steps=optim.num_steps,
+                batch_size=config.data.batch_size, rng=jax.random.fold_in(rng, hash(stage) % 2**31),
+                log_every=config.train.log_every_steps,
+                checkpoint_every=config.train.checkpoint_every_steps,
+                keep_checkpoints=config.train.keep_checkpoints, writer=writer)
+    params, model_state, ema = state.params, state.model_state, state.ema_params
+    stage_seconds[stage] = round(time.perf_counter() - start, 1)
+  summary["stage_seconds"] = stage_seconds
+  writer.close()
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def _batches(config, stage: str):
+  from sd3_jax.data import pipeline
+
+  # Each stage reads its own shuffle of the training split.
+  seed = config.seed * 1000 + (STAGE_SEEDS.index(stage) if stage in STAGE_SEEDS else 99)
+  return iter(pipeline.make_dataset(config, "train", seed=seed,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count()))
+
+
+STAGE_SEEDS = ("0a", "0b", "1", "2", "3", "4")

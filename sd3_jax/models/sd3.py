@@ -1,0 +1,211 @@
+"""All SD³ networks, built from one config, with their parameters as one tree.
+
+`params` is a dict keyed by network (`NETWORKS`); every stage trains a subset of it (optax
+masks), so one tree flows through all stages and checkpoints. The shared feature
+helpers here (conditions, tokens, graph codes) are what the stage steps and the samplers
+call, so each feature is computed one way everywhere.
+"""
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sd3_jax import diffusion
+from sd3_jax.models import aligned_decoders
+from sd3_jax.models import dgae as dgae_lib
+from sd3_jax.models import encoders
+from sd3_jax.models import fsq as fsq_lib
+from sd3_jax.models import graph_denoiser
+from sd3_jax.models import image_denoiser
+from sd3_jax.models import lm
+from sd3_jax.models import text_denoiser
+from sd3_jax.models import vqvae as vqvae_lib
+
+NETWORKS = ("vqvae", "clip", "text_prior", "image_prior", "dgae", "g_v", "g_t", "image_den",
+            "text_den", "graph_den")
+GRAPH_KEYS = ("node_type", "node_tag", "node_mask", "adjacency", "senders", "receivers",
+              "edge_type", "edge_mask")
+GRAPH_PREFIXES = ("g3d", "vsg", "tsg")
+
+
+def graph_of(batch: Mapping[str, Any], prefix: str) -> dict:
+  """The padded graph `prefix` ('g3d', 'vsg', 'tsg') of a batch, in `graphs.pad_graph` keys."""
+  return {k: batch[f"{prefix}_{k}"] for k in GRAPH_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class SD3:
+  """The networks and the three diffusion processes of one experiment."""
+  config: Any
+  text_vocab_size: int
+  graph_vocab_size: int
+
+  def __post_init__(self):
+    c, m = self.config, self.config.model
+    grid = c.data.image_size // 2 ** len(m.vqvae.channel_mults)
+    if m.image_denoiser.width != m.text_denoiser.width:
+      raise ValueError("model.image_denoiser.width and model.text_denoiser.width must match: "
+                       "both chains' hidden states feed the graph denoiser's teacher slot")
+    levels = tuple(m.dgae.levels)
+    num_codes = fsq_lib.FSQ(levels).codebook_size
+    vq = vqvae_lib.VQVAE(
+        base_channels=m.vqvae.base_channels, channel_mults=tuple(m.vqvae.channel_mults),
+        num_res_blocks=m.vqvae.num_res_blocks, quantizer=m.vqvae.quantizer,
+        codebook_size=m.vqvae.codebook_size, embed_dim=m.vqvae.embed_dim,
+        commitment_cost=m.vqvae.commitment, ema_decay=m.vqvae.ema_decay,
+        dead_code_steps=m.vqvae.dead_code_steps)
+    clip = encoders.ContrastiveEncoders(
+        text=encoders.TextEncoder(
+            vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
+            width=m.clip.width, num_layers=m.clip.num_layers, num_heads=m.clip.num_heads,
+            embed_dim=m.clip.embed_dim),
+        image=encoders.ImageEncoder(
+            patch_size=m.clip.patch_size, image_size=(c.data.image_size, c.data.image_size),
+            width=m.clip.width, num_layers=m.clip.num_layers, num_heads=m.clip.num_heads,
+            embed_dim=m.clip.embed_dim))
+    dgae_cfg = dgae_lib.DGAEConfig(
+        num_tags=self.graph_vocab_size, width=m.dgae.width, encoder_layers=m.dgae.encoder_layers,
+        decoder_layers=m.dgae.decoder_layers, num_heads=m.dgae.num_heads,
+        pair_width=m.dgae.pair_width, levels=levels)
+    code_dim = len(levels)
+    den = dict(image=m.image_denoiser, text=m.text_denoiser, graph=m.graph_denoiser)
+    nets = dict(
+        vqvae=vq,
+        clip=clip,
+        text_prior=lm.CausalLM(vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
+                               width=m.prior.width, num_layers=m.prior.num_layers,
+                               num_heads=m.prior.num_heads),
+        image_prior=lm.CausalLM(vocab_size=vq.num_codes, max_length=grid * grid,
+                                width=m.prior.width, num_layers=m.prior.num_layers,
+                                num_heads=m.prior.num_heads),
+        dgae=dgae_lib.DGAE(dgae_cfg),
+        g_v=aligned_decoders.GraphFusedImageDecoder(vqvae=vq),
+        g_t=lm.CausalLM(vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
+                        width=m.text_decoder.width, num_layers=m.text_decoder.num_layers,
+                        num_heads=m.text_decoder.num_heads,
+                        prefix_dim=m.text_decoder.width + code_dim,
+                        max_prefix_length=c.data.max_text_len + c.data.max_nodes),
+        image_den=image_denoiser.ImageDenoiser(
+            codebook_size=vq.num_codes, grid_shape=(grid, grid), width=den["image"].width,
+            num_layers=den["image"].num_layers, num_heads=den["image"].num_heads,
+            graph_dim=code_dim),
+        text_den=text_denoiser.TextDenoiser(
+            vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
+            width=den["text"].width, num_layers=den["text"].num_layers,
+            num_heads=den["text"].num_heads, graph_dim=code_dim),
+        graph_den=graph_denoiser.GraphDenoiser(
+            num_codes=num_codes, width=den["graph"].width, num_layers=den["graph"].num_layers,
+            num_heads=den["graph"].num_heads, teacher_dim=den["image"].width,
+            fsq_levels=levels),
+    )
+    for name, net in nets.items():
+      object.__setattr__(self, name, net)
+    object.__setattr__(self, "grid", grid)
+    object.__setattr__(self, "levels", levels)
+    d = c.diffusion
+    process = lambda k: diffusion.DiffusionProcess(  # noqa: E731
+        num_classes=k, num_steps=d.num_steps, kind=d.kind, schedule=d.schedule)
+    object.__setattr__(self, "image_process", process(vq.num_codes))
+    object.__setattr__(self, "text_process", process(self.text_vocab_size))
+    # Graph x0 classes: the DGAE codes and EMPTY (the 3DSG outgrows the 2DSG).
+    object.__setattr__(self, "graph_process", process(num_codes + 1))
+
+  # ------------------------------------------------------------------ initialisation
+
+  def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(boxed params, boxed model_state) from a batch's shapes."""
+    keys = dict(zip(NETWORKS, jax.random.split(rng, len(NETWORKS))))
+    image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
+    b = image.shape[0]
+    vq_vars = self.vqvae.init({"params": keys["vqvae"], "vq": keys["vqvae"]}, image)
+    tokens = jnp.zeros((b, self.grid * self.grid), jnp.int32)
+    graph = graph_of(batch, "vsg")
+    n = graph["node_mask"].shape[1]
+    codes = jnp.zeros((b, n, len(self.levels)))
+    node_mask = graph["node_mask"]
+    t = jnp.ones((b,), jnp.int32)
+    clip_vars = self.clip.init(keys["clip"], ids, mask, image)
+    text_feats = jnp.zeros((b, ids.shape[1], self.config.model.clip.width))
+    pooled = jnp.zeros((b, self.config.model.clip.embed_dim))
+    patches = jnp.zeros((b, (self.config.data.image_size // self.config.model.clip.patch_size)
+                         ** 2, self.config.model.clip.width))
+    teacher = jnp.zeros((b, 2, self.config.model.image_denoiser.width))
+    g_t_prefix, g_t_mask = lm.text_decoder_prefix(
+        jnp.zeros((b, ids.shape[1], self.config.model.text_decoder.width)), codes, mask,
+        node_mask)
+    params = dict(
+        vqvae=vq_vars["params"],
+        clip=clip_vars["params"],
+        text_prior=self.text_prior.init(keys["text_prior"], ids, mask)["params"],
+        image_prior=self.image_prior.init(keys["image_prior"], tokens, None)["params"],
+        dgae=self.dgae.init(keys["dgae"], graph)["params"],
+        g_v=self.g_v.init(keys["g_v"], jnp.zeros((b, self.grid, self.grid,
+                                                  self.vqvae.decoder_input_dim)),
+                          codes, node_mask)["params"],
+        g_t=self.g_t.init(keys["g_t"], ids, mask, g_t_prefix, g_t_mask)["params"],
+        image_den=self.image_den.init(keys["image_den"], tokens, t, text_feats, mask, codes,
+                                      node_mask)["params"],
+        text_den=self.text_den.init(keys["text_den"], ids, t, mask, patches, None, codes,
+                                    node_mask)["params"],
+        graph_den=self.graph_den.init(keys["graph_den"], jnp.zeros((b, n), jnp.int32), t,
+                                      jnp.zeros((b, n), jnp.int32), node_mask, pooled,
+                                      teacher)["params"],
+    )
+    return params, {"vq_stats": vq_vars["vq_stats"]} if "vq_stats" in vq_vars else {}
+
+  # ------------------------------------------------------------------ shared features
+
+  def image_tokens(self, params, model_state, image) -> jax.Array:
+    """z^I_0: VQ token ids [B, h·w] of images in [-1, 1]."""
+    ids = self.vqvae.apply({"params": params["vqvae"], **model_state}, image,
+                           method=vqvae_lib.VQVAE.encode)
+    return ids.reshape(ids.shape[0], -1)
+
+  def decode_image_tokens(self, params, model_state, tokens) -> jax.Array:
+    ids = tokens.reshape(tokens.shape[0], self.grid, self.grid)
+    return self.vqvae.apply({"params": params["vqvae"], **model_state}, ids,
+                            method=vqvae_lib.VQVAE.decode_indices)
+
+  def image_latents(self, params, model_state, tokens) -> jax.Array:
+    """ẑ^I: the VQ code vectors of token ids [B, h·w] -> [B, h, w, d]."""
+    ids = tokens.reshape(tokens.shape[0], self.grid, self.grid)
+    return self.vqvae.apply({"params": params["vqvae"], **model_state}, ids,
+                            method=vqvae_lib.VQVAE.indices_to_latents)
+
+  def text_condition(self, params, ids, mask):
+    """c^Y: (per-token features [B, L, D], pooled [B, E])."""
+    return self.clip.apply({"params": params["clip"]}, ids, mask,
+                           method=lambda m, i, k: m.text(i, k))
+
+  def image_condition(self, params, image):
+    """c^I: (patch features [B, P, D], pooled [B, E])."""
+    return self.clip.apply({"params": params["clip"]}, image, method=lambda m, x: m.image(x))
+
+  def graph_codes(self, params, padded) -> jax.Array:
+    """DGAE code ids [B, N] of padded graphs (EMPTY on padding slots)."""
+    _, ids = self.dgae.apply({"params": params["dgae"]}, padded, method=dgae_lib.DGAE.encode)
+    return ids
+
+  def code_features(self, ids) -> tuple[jax.Array, jax.Array]:
+    """c^G from code ids [B, N]: (normalised FSQ vectors [B, N, d], real-node mask [B, N])."""
+    quantizer = fsq_lib.FSQ(self.levels)
+    real = ids < quantizer.codebook_size
+    codes = quantizer.normalize(quantizer.indices_to_codes(jnp.where(real, ids, 0)))
+    return codes * real[..., None], real
+
+  def g_t_prefix(self, params, text_ids, text_mask, codes, node_mask):
+    """G_T's prefix [emb(ẑ^Y_0) ; ẑ^G_0] (paper eq. 6)."""
+    emb = self.g_t.apply({"params": params["g_t"]}, text_ids, method=lm.CausalLM.embed_tokens)
+    return lm.text_decoder_prefix(emb, codes, text_mask, node_mask)
+
+  def teacher_from_image(self, hidden) -> tuple[jax.Array, jax.Array]:
+    """The image chain's hidden grid [B, h·w, D] average-pooled to `model.teacher_tokens`."""
+    b, _, d = hidden.shape
+    side = int(round(self.config.model.teacher_tokens ** 0.5))
+    x = hidden.reshape(b, self.grid, self.grid, d)
+    x = nn.avg_pool(x, (self.grid // side, self.grid // side),
+                    strides=(self.grid // side, self.grid // side))
+    x = x.reshape(b, -1, d)
+    return x, jnp.ones(x.shape[:2], bool)

@@ -1,0 +1,272 @@
+"""The stage losses and the one train-step builder: `(state, batch, rng) -> (state, metrics)`.
+
+Stages (DESIGN.md §5; paper §4.2):
+  0a  VQ-VAE                                   trains: vqvae
+  0b  contrastive encoders, marginals p̂(y), p̂(i)   trains: clip, text_prior, image_prior
+  1   DGAE on gold 3DSGs (and the 2DSGs)       trains: dgae
+  2   spatial alignment: G_V and G_T           trains: g_v, g_t
+  3   2DSG -> 3DSG graph diffusion             trains: graph_den
+  4   the dual step (all three chains)         trains: image_den, text_den, graph_den
+
+Every loss takes the full params tree; the stage's optax mask decides what moves, so
+frozen networks get neither updates nor optimizer state.
+"""
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from sd3_jax import diffusion
+from sd3_jax import train_state as ts
+from sd3_jax.models import aligned_decoders
+from sd3_jax.models import dgae as dgae_lib
+from sd3_jax.models import encoders
+from sd3_jax.models import lm
+from sd3_jax.models import sd3 as sd3_lib
+from sd3_jax.models import text_denoiser
+from sd3_jax.models import vqvae as vqvae_lib
+
+STAGES = ("0a", "0b", "1", "2", "3", "4")
+TRAINABLE = {
+    "0a": ("vqvae",),
+    "0b": ("clip", "text_prior", "image_prior"),
+    "1": ("dgae",),
+    "2": ("g_v", "g_t"),
+    "3": ("graph_den",),
+    "4": ("image_den", "text_den", "graph_den"),
+}
+VARIANTS = ("singleton", "singleton_3d", "vanilla_dual", "sd3")
+
+
+def variant_flags(variant: str) -> dict:
+  """Which parts of SD³ a paper ablation keeps (paper §5.2, Table 2)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} (config key variant); one of {VARIANTS}")
+  return {"graph": variant in ("singleton_3d", "sd3"),
+          "dual": variant in ("vanilla_dual", "sd3"),
+          "mutual": variant == "sd3"}
+
+
+def stages_to_run(config) -> list[str]:
+  """`config.stages` ('0,1,2,3,4') expanded, minus the graph stages a variant has no use for."""
+  wanted = []
+  for item in str(config.stages).split(","):
+    item = item.strip()
+    if item == "0":
+      wanted += ["0a", "0b"]
+    elif item in STAGES:
+      wanted.append(item)
+    elif item:
+      raise ValueError(f"unknown stage {item!r} in config.stages; use 0-4 (or 0a/0b)")
+  if not variant_flags(config.variant)["graph"]:
+    wanted = [s for s in wanted if s not in ("1", "2", "3")]
+  return wanted
+
+
+def trainable_mask(stage: str) -> Callable:
+  names = TRAINABLE[stage]
+  return lambda params: {k: jax.tree.map(lambda _: k in names, v) for k, v in params.items()}
+
+
+def _sample_t(key, batch_size, num_steps):
+  return jax.random.randint(key, (batch_size,), 1, num_steps + 1)
+
+
+def _drop(key, batch_size, rate):
+  return jax.random.bernoulli(key, rate, (batch_size,))
+
+
+# ---------------------------------------------------------------------------------- losses
+
+
+def loss_0a(model: sd3_lib.SD3, config, params, model_state, batch, rng):
+  loss, (stats, metrics) = vqvae_lib.vqvae_loss(model.vqvae, params["vqvae"],
+                                                model_state.get("vq_stats", {}),
+                                                batch["image"], rng)
+  new_state = dict(model_state, vq_stats=stats) if "vq_stats" in model_state else model_state
+  return loss, (new_state, metrics)
+
+
+def loss_0b(model: sd3_lib.SD3, config, params, model_state, batch, rng):
+  del rng
+  ids, mask = batch["text_ids"], batch["text_mask"]
+  text_tokens, text_emb, image_tokens, image_emb, scale = model.clip.apply(
+      {"params": params["clip"]}, ids, mask, batch["image"])
+  del text_tokens, image_tokens
+  clip = encoders.clip_loss(text_emb, image_emb, scale)
+  t2i, i2t = encoders.retrieval_accuracy(text_emb, image_emb)
+  text_nll = model.text_prior.next_token_loss(params["text_prior"], ids, mask)
+  z_i = jax.lax.stop_gradient(model.image_tokens(params, model_state, batch["image"]))
+  image_nll = model.image_prior.next_token_loss(params["image_prior"], z_i)
+  loss = clip + text_nll + image_nll
+  return loss, (model_state, {"loss": loss, "clip": clip, "t2i_acc": t2i, "i2t_acc": i2t,
+                              "text_prior_nll": text_nll, "image_prior_nll": image_nll})
+
+
+def loss_1(model: sd3_lib.SD3, config, params, model_state, batch, rng):
+  """L_DGAE on the gold 3DSG, and on the 2DSGs the graph diffusion will encode."""
+  del rng
+  total, metrics = 0.0, {}
+  for prefix in sd3_lib.GRAPH_PREFIXES:
+    graph = sd3_lib.graph_of(batch, prefix)
+    outputs = model.dgae.apply({"params": params["dgae"]}, graph)
+    loss, terms = dgae_lib.dgae_loss(outputs, graph, edge_weight=config.model.dgae.edge_weight)
+    pred = dgae_lib.predict_padded(outputs)
+    real = graph["node_mask"].astype(jnp.float32)
+    metrics[f"{prefix}_tag_acc"] = jnp.sum((pred["node_tag"] == graph["node_tag"]) * real) / \
+        jnp.maximum(jnp.sum(real), 1.0)
+    metrics[f"{prefix}_loss"] = loss
+    total = total + loss
+  metrics["loss"] = total
+  return total, (model_state, metrics)
+
+
+def loss_2(model: sd3_lib.SD3, config, params, model_state, batch, rng):
+  """L_v-rec + L_t-dec with the gold 3DSG's codes (paper eq. 12)."""
+  del rng
+  sg = jax.lax.stop_gradient
+  z_i = sg(model.image_tokens(params, model_state, batch["image"]))
+  latents = sg(model.image_latents(params, model_state, z_i))
+  codes, node_mask = model.code_features(sg(model.graph_codes(params, sd3_lib.graph_of(
+      batch, "g3d"))))
+  recon = model.g_v.apply({"params": params["g_v"]}, latents, codes, node_mask)
+  v_rec = aligned_decoders.v_rec_loss(recon, batch["image"])
+  ids, mask = batch["text_ids"], batch["text_mask"]
+  prefix, prefix_mask = model.g_t_prefix(params, ids, mask, codes, node_mask)
+  t_dec = model.g_t.next_token_loss(params["g_t"], ids, mask, prefix, prefix_mask)
+  loss = v_rec + t_dec
+  return loss, (model_state, {"loss": loss, "v_rec": v_rec, "t_dec": t_dec})
+
+
+def _graph_chain(model, params, z0, z_t, t, cond_ids, global_feat, drop, teacher=None,
+                 teacher_mask=None):
+  cond_mask = cond_ids < model.graph_den.num_codes
+  return model.graph_den.apply({"params": params["graph_den"]}, z_t, t, cond_ids, cond_mask,
+                               global_feat, teacher, teacher_mask, drop_cond=drop)
+
+
+def _vlb(config, process, logits, x0, x_t, t, mask=None):
+  d = config.diffusion
+  return diffusion.vlb_loss(process, logits, x0, x_t, t, mask, aux_weight=d.aux_weight,
+                            adaptive_aux=d.adaptive_aux)
+
+
+def loss_3(model: sd3_lib.SD3, config, params, model_state, batch, rng):
+  """L_I23D + L_T23D: VSG -> 3DSG conditioned on c^I, TSG -> 3DSG on c^Y (paper eq. 10)."""
+  sg = jax.lax.stop_gradient
+  b = batch["image"].shape[0]
+  k_t, k_q, k_drop = jax.random.split(rng, 3)
+  z0 = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "g3d")))
+  vsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "vsg")))
+  tsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "tsg")))
+  _, c_y = sg(model.text_condition(params, batch["text_ids"], batch["text_mask"]))
+  _, c_i = sg(model.image_condition(params, batch["image"]))
+  t = _sample_t(k_t, b, config.diffusion.num_steps)
+  z_t = model.graph_process.q_sample(k_q, z0, t)
+  drop = _drop(k_drop, b, config.diffusion.cond_drop_rate)
+  logits_i, _ = _graph_chain(model, params, z0, z_t, t, vsg, c_i, drop)
+  logits_t, _ = _graph_chain(model, params, z0, z_t, t, tsg, c_y, drop)
+  l_i, aux_i = _vlb(config, model.graph_process, logits_i, z0, z_t, t)
+  l_t, aux_t = _vlb(config, model.graph_process, logits_t, z0, z_t, t)
+  loss = l_i + l_t
+  return loss, (model_state, {"loss": loss, "i23d": l_i, "t23d": l_t,
+                              "i23d_ce": jnp.mean(aux_i["aux_ce"]),
+                              "t23d_ce": jnp.mean(aux_t["aux_ce"])})
+
+
+def _kl_x0(student_logits, teacher_logits):
+  """Mean per-node KL(student ‖ teacher) of the x0 distributions (paper eq. 2–3)."""
+  ls = jax.nn.log_softmax(student_logits.astype(jnp.float32), -1)
+  lt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), -1)
+  return jnp.mean(jnp.sum(jnp.exp(ls) * (ls - lt), -1))
+
+
+def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
+  """The dual step: both directions on one batch, one t shared by the three chains."""
+  flags = variant_flags(config.variant)
+  w = config.loss
+  sg = jax.lax.stop_gradient
+  b = batch["image"].shape[0]
+  k_t, k_i, k_y, k_g, k_drop = jax.random.split(rng, 5)
+  ids, mask = batch["text_ids"], batch["text_mask"]
+  z_i = sg(model.image_tokens(params, model_state, batch["image"]))
+  c_y_tokens, c_y = sg(model.text_condition(params, ids, mask))
+  c_i_tokens, c_i = sg(model.image_condition(params, batch["image"]))
+  t = _sample_t(k_t, b, config.diffusion.num_steps)
+  drop = _drop(k_drop, b, config.diffusion.cond_drop_rate)
+  metrics = {}
+
+  if flags["graph"]:
+    # The image and text chains are conditioned on the gold 3DSG's codes (teacher forcing);
+    # at inference they get the graph diffusion's output instead.
+    z_g = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "g3d")))
+    g_feats, g_mask = model.code_features(z_g)
+  else:
+    g_feats = g_mask = None
+
+  x_i = model.image_process.q_sample(k_i, z_i, t)
+  logits_i, h_i = model.image_den.apply({"params": params["image_den"]}, x_i, t, c_y_tokens,
+                                        mask, g_feats, g_mask, drop)
+  l_image, aux_image = _vlb(config, model.image_process, logits_i, z_i, x_i, t)
+  x_y = model.text_process.q_sample(k_y, ids, t)
+  logits_y, h_y, length_logits = model.text_den.apply(
+      {"params": params["text_den"]}, x_y, t, mask, c_i_tokens, None, g_feats, g_mask, drop)
+  l_text, aux_text = _vlb(config, model.text_process, logits_y, ids, x_y, t, mask)
+  l_length = text_denoiser.length_loss(length_logits, mask)
+  loss = w.image * l_image + w.text * l_text + w.length * l_length
+  metrics.update(image=l_image, text=l_text, length=l_length,
+                 image_ce=jnp.mean(aux_image["aux_ce"]), text_ce=jnp.mean(aux_text["aux_ce"]))
+
+  if flags["graph"]:
+    vsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "vsg")))
+    tsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "tsg")))
+    z_gt = model.graph_process.q_sample(k_g, z_g, t)
+    s_i, _ = _graph_chain(model, params, z_g, z_gt, t, vsg, c_i, drop)
+    s_t, _ = _graph_chain(model, params, z_g, z_gt, t, tsg, c_y, drop)
+    l_i23d, _ = _vlb(config, model.graph_process, s_i, z_g, z_gt, t)
+    l_t23d, _ = _vlb(config, model.graph_process, s_t, z_g, z_gt, t)
+    loss = loss + w.graph * (l_i23d + l_t23d)
+    metrics.update(i23d=l_i23d, t23d=l_t23d)
+    if flags["mutual"]:
+      # Teachers see the dual 3D->X chain's step-t hidden states (paper eq. 2-3, App. C.3):
+      # VSG->3DSG gets the image chain's, TSG->3DSG the text chain's (which fuses c^I).
+      img_feats, img_mask = model.teacher_from_image(sg(h_i))
+      tea_i, _ = _graph_chain(model, params, z_g, z_gt, t, vsg, c_i, drop, img_feats, img_mask)
+      tea_t, _ = _graph_chain(model, params, z_g, z_gt, t, tsg, c_y, drop, sg(h_y), mask)
+      l_tea_i, _ = _vlb(config, model.graph_process, tea_i, z_g, z_gt, t)
+      l_tea_t, _ = _vlb(config, model.graph_process, tea_t, z_g, z_gt, t)
+      kl = _kl_x0(s_i, sg(tea_i)) + _kl_x0(s_t, sg(tea_t))
+      loss = loss + w.kl * kl + w.teacher * (l_tea_i + l_tea_t)
+      metrics.update(kl=kl, teacher=l_tea_i + l_tea_t)
+
+  if flags["dual"]:
+    # Eq. 9 with -VLB as the conditional log-likelihoods and frozen stage-0 marginals.
+    log_p_i = sg(model.image_prior.log_likelihood(params["image_prior"], z_i))
+    log_p_y = sg(model.text_prior.log_likelihood(params["text_prior"], ids, mask))
+    log_i_given_y = -aux_image["vlb_per_example"]
+    log_y_given_i = -aux_text["vlb_per_example"]
+    dual = jnp.mean(jnp.abs(log_p_i + log_y_given_i - log_p_y - log_i_given_y))
+    loss = loss + w.dual * dual
+    metrics["dual_gap"] = dual
+
+  metrics["loss"] = loss
+  return loss, (model_state, metrics)
+
+
+LOSSES = {"0a": loss_0a, "0b": loss_0b, "1": loss_1, "2": loss_2, "3": loss_3, "4": loss_4}
+
+
+def make_train_step(model: sd3_lib.SD3, config, stage: str, tx) -> Callable:
+  """`(state, batch, rng) -> (state, metrics)` for one stage (jit it with `train.fit`)."""
+  loss_fn = LOSSES[stage]
+
+  def step(state: ts.TrainState, batch: Mapping[str, Any], rng):
+    def f(params):
+      return loss_fn(model, config, params, state.model_state, batch, rng)
+
+    (loss, (model_state, metrics)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+    del loss
+    new_state = ts.apply_gradients(state, grads, tx, config.optim.ema_decay, model_state)
+    return new_state, metrics
+
+  return step
