@@ -1,0 +1,123 @@
+"""G_V, the graph-aligned image decoder (paper eq. 4–5).
+
+    Attn_{i,m} = softmax_m( ẑ^G[m] · ẑ^I[i] )                     (eq. 4, no q/k/v maps)
+    ẑ^{I+}[i] = ẑ^I[i] ⊕ Σ_m Attn_{i,m} ẑ^G[m]                     (⊕ = concatenation)
+    Î = G_V(ẑ^{I+})                                                  (eq. 5)
+
+ẑ^I are the VQ code vectors of the image tokens [B, h, w, d] (`VQVAE.indices_to_latents`),
+ẑ^G the 3DSG node latents [B, N, dg]. The graph latents are first brought to the code
+width d by one Dense (the paper's vectors must share a dimension for the dot product);
+padding nodes get no attention. A 1×1 conv adapter maps the 2d channels back to d, and
+the VQ-VAE's own `Decoder` turns them into pixels.
+
+Parameters: `adapter` (graph projection + 1×1 conv) and `decoder` (exactly the VQ-VAE's
+`Decoder` subtree, so `load_vq_decoder` copies a trained VQ-VAE's decoder in and optax
+masks can train the adapter alone or both). The text decoder G_T is `lm.CausalLM`.
+"""
+from typing import Any, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sd3_jax.models.layers import dense_init, zeros_init
+from sd3_jax.models.vqvae import VQVAE, Decoder
+
+Array = jax.Array
+Dtype = Any
+
+
+def _identity_on_codes_init(key, shape, dtype=jnp.float32):
+  """1×1 conv kernel [1, 1, 2d, d]: identity on the code half, zero on the graph half."""
+  del key
+  _, _, cin, cout = shape
+  if cin != 2 * cout:
+    raise ValueError(f"adapter kernel must be [1, 1, 2d, d], got {shape}")
+  kernel = jnp.concatenate([jnp.eye(cout, dtype=dtype), jnp.zeros((cout, cout), dtype)], 0)
+  return kernel.reshape(shape)
+
+
+class GraphFusionAdapter(nn.Module):
+  """Eq. 4 fusion and the 2d -> d 1×1 conv adapter."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, codes: Array, graph_latents: Array,
+               graph_mask: Array) -> Tuple[Array, Array, Array]:
+    """codes [B, h, w, d], graph [B, N, dg], mask [B, N] -> (adapted [B, h, w, d],
+    fused ẑ^{I+} [B, h, w, 2d], attention [B, h·w, N])."""
+    b, h, w, d = codes.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    g = nn.Dense(d, **kw, kernel_init=dense_init(("cond_embed", "conv_out")),
+                 bias_init=zeros_init(("conv_out",)), name="graph_proj")(graph_latents)
+    z = codes.reshape(b, h * w, d).astype(self.dtype)
+    logits = jnp.einsum("bid,bmd->bim", z, g).astype(jnp.float32)
+    mask = graph_mask.astype(bool)[:, None, :]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    # An image without real nodes gets a zero graph half instead of a mean over padding.
+    attn = jax.nn.softmax(logits, axis=-1) * mask
+    attended = jnp.einsum("bim,bmd->bid", attn.astype(self.dtype), g)
+    fused = jnp.concatenate([z, attended], axis=-1).reshape(b, h, w, 2 * d)
+    # Identity on ẑ^I and zero on the graph half at init: the adapted input is exactly the
+    # VQ codes, so the pretrained VQ decoder is exact at step 0 and training starts from
+    # its reconstructions rather than from a randomly perturbed input.
+    adapted = nn.Conv(d, (1, 1), **kw, kernel_init=nn.with_logical_partitioning(
+        _identity_on_codes_init, ("conv_h", "conv_w", "conv_in", "conv_out")),
+                      bias_init=zeros_init(("conv_out",)), name="conv")(fused)
+    return adapted, fused, attn
+
+
+class GraphFusedImageDecoder(nn.Module):
+  """G_V: graph-fused VQ codes -> images [B, H, W, C] in [-1, 1].
+
+  Attributes:
+    vqvae: the (unbound) VQ-VAE whose decoder this wraps; its architecture fields
+      size the `decoder` subtree, and `decoder_input_dim` is the code width d.
+  """
+  vqvae: VQVAE
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    vq = self.vqvae
+    self.adapter = GraphFusionAdapter(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.decoder = Decoder(out_channels=vq.in_channels, base_channels=vq.base_channels,
+                           channel_mults=tuple(vq.channel_mults),
+                           num_res_blocks=vq.num_res_blocks, norm_groups=vq.norm_groups,
+                           dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def fuse(self, codes: Array, graph_latents: Array,
+           graph_mask: Array) -> Tuple[Array, Array]:
+    """(ẑ^{I+} [B, h, w, 2d], Attn [B, h·w, N]) — eq. 4 only, no decoding."""
+    _, fused, attn = self.adapter(codes, graph_latents, graph_mask)
+    return fused, attn
+
+  def __call__(self, codes: Array, graph_latents: Array, graph_mask: Array) -> Array:
+    """Decodes the graph-fused codes.
+
+    Args:
+      codes: [B, h, w, d] VQ code vectors ẑ^I (d = vqvae.decoder_input_dim).
+      graph_latents: [B, N, dg] 3DSG node latents ẑ^G.
+      graph_mask: [B, N] bool, True = real node.
+
+    Returns:
+      images [B, h·f, w·f, C] in [-1, 1] (f = vqvae.downsample_factor).
+    """
+    d = self.vqvae.decoder_input_dim
+    if codes.shape[-1] != d:
+      raise ValueError(f"codes have {codes.shape[-1]} channels, the VQ decoder takes {d}")
+    adapted, _, _ = self.adapter(codes, graph_latents, graph_mask)
+    return self.decoder(adapted)
+
+
+def load_vq_decoder(gv_params: Any, vqvae_params: Any) -> Any:
+  """G_V params with the `decoder` subtree replaced by a trained VQ-VAE's decoder."""
+  if "decoder" not in vqvae_params:
+    raise ValueError("vqvae_params has no 'decoder' subtree (pass the VQVAE's 'params')")
+  return {**gv_params, "decoder": vqvae_params["decoder"]}
+
+
+def v_rec_loss(recon: Array, images: Array) -> Array:
+  """L_v-rec = mean ‖I − G_V(ẑ^{I+})‖² over pixels and channels."""
+  return jnp.mean((recon.astype(jnp.float32) - images.astype(jnp.float32)) ** 2)

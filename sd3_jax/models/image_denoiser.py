@@ -1,0 +1,118 @@
+"""The ST2I image-token denoiser p_θ(z^I_{t-1} | z^I_t, c^Y ⊕ c^G) (paper §1.2).
+
+A `DenoiserTransformer` over the raster-flattened h×w grid of VQ tokens with 2D
+positions, adaLN timestep conditioning, and cross-attention to the condition sequence
+
+    [Dense(text_feats) + type_text ; Dense(graph_feats) + type_graph]   (length Lc + N)
+
+with its mask (padding text tokens and padding graph nodes are never attended). The 3DSG
+slot exists from the start: when `graph_dim` is set the graph projection is always built,
+and `graph_feats=None` simply contributes no condition tokens. `drop_cond` swaps the whole
+condition of an example for the learned null condition (classifier-free guidance).
+"""
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sd3_jax.models.layers import DenoiserTransformer, constrain, dense_init, zeros_init
+
+Array = jax.Array
+Dtype = Any
+
+
+class ImageDenoiser(nn.Module):
+  """x0-predicting image-token denoiser.
+
+  Attributes:
+    codebook_size: K, the number of real VQ codes, **excluding** [MASK]. Inputs x_t take
+      values in [0, K] (id K = [MASK]); logits are over the K real codes only.
+    grid_shape: (h, w) token grid; x_t has h·w tokens in raster order.
+    num_layers, width, num_heads, mlp_ratio: transformer size.
+    cond_width: width of the projected condition tokens (default: width).
+    graph_dim: width Dg of the graph node features; None = model without a 3DSG slot.
+    null_cond_len: length of the learned null condition.
+    dropout_rate, attention_dropout_rate, remat: see `DenoiserTransformer`.
+  """
+  codebook_size: int
+  grid_shape: Tuple[int, int] = (8, 8)
+  num_layers: int = 4
+  width: int = 256
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  cond_width: Optional[int] = None
+  graph_dim: Optional[int] = None
+  null_cond_len: int = 1
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def mask_id(self) -> int:
+    return self.codebook_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_shape[0] * self.grid_shape[1]
+
+  @nn.compact
+  def __call__(self, x_t: Array, t: Array, text_feats: Array, text_mask: Array,
+               graph_feats: Optional[Array] = None, graph_mask: Optional[Array] = None,
+               drop_cond: Optional[Array] = None,
+               deterministic: bool = True) -> Tuple[Array, Array]:
+    """Predicts p(x0 | x_t, condition).
+
+    Args:
+      x_t: [B, h·w] int token ids in [0, K].
+      t: [B] int diffusion step.
+      text_feats: [B, Lc, Dc] text token features (c^Y).
+      text_mask: [B, Lc] bool, True = real text token.
+      graph_feats: optional [B, N, Dg] 3DSG node features (needs `graph_dim` = Dg).
+      graph_mask: [B, N] bool, True = real node (required with graph_feats).
+      drop_cond: optional [B] bool; True rows are conditioned on the null condition.
+      deterministic: disables dropout.
+
+    Returns:
+      (logits [B, h·w, K] float32, hidden [B, h·w, width]).
+    """
+    if x_t.shape[1] != self.num_tokens:
+      raise ValueError(f"x_t has {x_t.shape[1]} tokens, grid {self.grid_shape} needs "
+                       f"{self.num_tokens}")
+    if graph_feats is not None and self.graph_dim is None:
+      raise ValueError("graph_feats given but the denoiser has no graph slot "
+                       "(set graph_dim)")
+    if graph_feats is not None and graph_mask is None:
+      raise ValueError("graph_feats needs graph_mask [B, N]")
+    b = x_t.shape[0]
+    cw = self.cond_width or self.width
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    types = self.param("cond_type_embed", dense_init((None, "cond_embed"),
+                                                     nn.initializers.normal(0.02)),
+                       (2, cw), self.param_dtype)
+
+    def project(feats, name):
+      return nn.Dense(cw, **kw, kernel_init=dense_init(("embed", "cond_embed")),
+                      bias_init=zeros_init(("cond_embed",)), name=name)(feats)
+
+    cond = project(text_feats, "text_proj") + types[0].astype(self.dtype)
+    cond_mask = text_mask.astype(bool)
+    if self.graph_dim is not None:
+      if graph_feats is None:
+        # No 3DSG for this call: zero graph tokens, but the projection's parameters exist.
+        graph_feats = jnp.zeros((b, 0, self.graph_dim), self.dtype)
+        graph_mask = jnp.zeros((b, 0), bool)
+      g = project(graph_feats, "graph_proj") + types[1].astype(self.dtype)
+      cond = jnp.concatenate([cond, g], axis=1)
+      cond_mask = jnp.concatenate([cond_mask, graph_mask.astype(bool)], axis=1)
+    cond = constrain(cond, ("batch", "cond_length", "embed"))
+
+    return DenoiserTransformer(
+        num_classes=self.codebook_size, num_layers=self.num_layers, width=self.width,
+        num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, position_embedding="2d",
+        grid_shape=tuple(self.grid_shape), null_cond_len=self.null_cond_len,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        remat=self.remat, **kw, name="transformer")(
+            x_t, t, cond, cond_mask, drop_cond=drop_cond, deterministic=deterministic)
