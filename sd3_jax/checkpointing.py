@@ -31,10 +31,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def abstract(tree, shardings):
-  """`jax.ShapeDtypeStruct`s carrying the target shardings, for restoring onto a mesh."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+def abstract(state):
+  """`jax.ShapeDtypeStruct`s of a state laid out on the target mesh: restore lands there."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None,

@@ -19,6 +19,7 @@ import flax.linen as nn
 import ml_collections
 
 from sd3_jax import checkpointing
+from sd3_jax import evaluate
 from sd3_jax import metrics as metrics_lib
 from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
@@ -72,7 +73,7 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
                                        max_to_keep=keep_checkpoints)
   to_global = to_global or (lambda b: sharding_lib.to_global(b, mesh))
   if manager.latest_step() is not None:
-    abstract = checkpointing.abstract(state, state_sharding)
+    abstract = checkpointing.abstract(state)
     start, state, data_state = checkpointing.restore(manager, abstract)
     if data_state is not None and hasattr(batches, "set_state"):
       batches.set_state(_decode_data_state(data_state))
@@ -198,6 +199,13 @@ def run(config, workdir) -> dict:
     params, model_state, ema = state.params, state.model_state, state.ema_params
     stage_seconds[stage] = round(time.perf_counter() - start, 1)
   summary["stage_seconds"] = stage_seconds
+  if config.data.name == "spatial_scenes" and stages:
+    start = time.perf_counter()
+    summary["eval"] = evaluate.spatial_eval(model, config, ema, model_state, mesh,
+                                            jax.random.fold_in(rng, 7), workdir)
+    summary["eval_seconds"] = round(time.perf_counter() - start, 1)
+    writer.write(int(sum(config[f"stage{s}"].num_steps for s in stages)),
+                 {f"eval/{k}": v for k, v in summary["eval"].items() if np.isscalar(v)})
   writer.close()
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

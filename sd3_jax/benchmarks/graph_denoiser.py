@@ -5,8 +5,8 @@ One jitted, donated AdamW step (forward + backward + update, float32) of a `Grap
 codes + 1 global token, batch 32) on a masked-diffusion x0 cross-entropy. Reports ms/step
 (median over the timed steps after warm-up), the achieved FLOP/s from XLA's
 `compiled.cost_analysis()['flops']` per step, and its fraction of the float32 4096×4096
-matmul FLOP/s measured in the same process (before and after the models; the faster), for the jraph segment attention and the dense
-attention (same parameters).
+matmul FLOP/s measured in the same process (before and after the models; the faster),
+for the jraph segment attention and the dense attention (same parameters).
 
   python -m sd3_jax.benchmarks.graph_denoiser
   python -m sd3_jax.benchmarks.graph_denoiser --impl=segment --steps=50 --batch=64
