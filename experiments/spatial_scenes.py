@@ -118,7 +118,7 @@ def get_config(arg=None):
       ("conv_h", None),
       ("conv_w", None),
       ("conv_in", None),
-      ("conv_out", "tensor"),
+      ("conv_out", None),  # RGB outputs (3 channels) do not split over tensor
   ]
 
   if arg.tiny:

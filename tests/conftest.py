@@ -28,3 +28,16 @@ def shared_vsd():
   if not SHARED_VSD.exists():
     pytest.skip(f"real VSD files not found at {SHARED_VSD}")
   return SHARED_VSD
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+  """The `tiny` experiment with its data prepared once per test session."""
+  from sd3_jax import config_lib
+  from sd3_jax.data import builders
+
+  config = config_lib.load_config(REPO / "experiments" / "spatial_scenes.py", "tiny")
+  config.data.dir = str(tmp_path_factory.mktemp("tiny_data"))
+  info = builders.prepare_spatial_scenes(config.data.dir, config.data)
+  config.lock()
+  return config, info

@@ -91,7 +91,7 @@ def test_log_likelihood_matches_brute_force(params):
 def test_image_prior_flattens_raster_order():
   prior = lm.CausalLM(vocab_size=7, max_length=6, num_layers=1, width=16, num_heads=2)
   ids = jax.random.randint(jax.random.key(3), (2, 2, 3), 0, 7)
-  p = prior.init(jax.random.key(0), ids.reshape(2, 6))["params"]
+  p = jax.jit(prior.init)(jax.random.key(0), ids.reshape(2, 6))["params"]
   assert "prefix_proj" not in p
   ll = jax.jit(prior.log_likelihood)
   np.testing.assert_allclose(ll(p, ids), ll(p, ids.reshape(2, 6)), rtol=1e-6)
