@@ -42,9 +42,26 @@ def rules(config) -> tuple[tuple[str, Any], ...]:
 
 
 def logical_to_sharding(tree, mesh: Mesh, axis_rules):
-  """Shardings for a tree of logically partitioned values (boxed params or specs)."""
+  """Shardings for a tree of logically partitioned (boxed) arrays or shape structs.
+
+  A dimension that its mesh axes do not divide (a 31-tag vocabulary over tensor=2) is
+  replicated instead: small closed vocabularies come from the data, not from the config.
+  """
   specs = nn.get_partition_spec(tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+  values = nn.meta.unbox(tree)
+  # Empty optimizer-state nodes (optax MaskedNode) have no shape and hold no array.
+  return jax.tree.map(lambda s, x: _divisible(s, x.shape, mesh) if hasattr(x, "shape") else s,
+                      shardings, values)
+
+
+def _divisible(sharding: NamedSharding, shape, mesh: Mesh) -> NamedSharding:
+  spec = []
+  for dim, axes in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    spec.append(axes if dim % size == 0 else None)
+  return NamedSharding(mesh, P(*spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -10,7 +10,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests are tiny and compile-bound: skipping most XLA optimisations roughly halves them.
+jax.config.update("jax_disable_most_optimizations", True)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "tests" / "testdata"

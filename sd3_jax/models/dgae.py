@@ -101,8 +101,7 @@ class MessagePassingLayer(nn.Module):
     edge_mask = graph.edges["mask"][..., None].astype(h.dtype)
     node_mask = graph.nodes["mask"][..., None].astype(h.dtype)
     # [B, N, 4, D]: (fwd sender, fwd receiver, bwd sender, bwd receiver) projections.
-    proj = nn.DenseGeneral((4, d), kernel_init=layers.dense_init(("embed", None, "mlp")),
-                           bias_init=layers.zeros_init((None, "mlp")), name="msg")(h)
+    proj = layers.DenseGeneral((4, d), ("embed", None, "mlp"), name="msg")(h)
     etype = nn.Embed(NUM_EDGE_TYPES, 2 * d, embedding_init=layers.dense_init(
         (None, "mlp"), nn.initializers.normal(0.02)), name="edge_embed")(graph.edges["type"])
     aggregated = []

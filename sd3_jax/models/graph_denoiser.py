@@ -52,6 +52,7 @@ import numpy as np
 from sd3_jax.data import graphs as graphs_lib
 from sd3_jax.data import schema
 from sd3_jax.models import fsq as fsq_lib
+from sd3_jax.models import layers
 from sd3_jax.models.layers import (AdaLayerNorm, Mlp, MultiHeadAttention, TimestepEmbedding,
                                    apply_null_condition, constrain, dense_init, zeros_init)
 
@@ -134,9 +135,8 @@ class GraphSelfAttention(nn.Module):
     b, n, d = x.shape
     h = self.num_heads
     hd = d // h
-    qkv = nn.DenseGeneral((3, h, hd), dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=dense_init(("embed", None, "heads", "kv")),
-                          bias_init=zeros_init((None, "heads", "kv")), name="qkv")(x)
+    qkv = layers.DenseGeneral((3, h, hd), ("embed", None, "heads", "kv"), dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = constrain(q, ("batch", "length", "heads", "kv"))
     k = constrain(k, ("batch", "length", "heads", "kv"))
@@ -158,9 +158,8 @@ class GraphSelfAttention(nn.Module):
     out = jax.vmap(lambda q, k, v, e, w: aggregate_messages(slot_graph(q, k, v, e), w))(
         q, k, v, edge_bias, weights)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=dense_init(("heads", "kv", "embed")),
-                          bias_init=zeros_init(("embed",)), name="out")(out)
+    out = layers.DenseGeneral(d, ("heads", "kv", "embed"), num_in_axes=2, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="out")(out)
     return constrain(out, _BLOCK_AXES)
 
 

@@ -52,6 +52,49 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
+class DenseGeneral(nn.Module):
+  """y = x·W + b contracting the last `num_in_axes` axes of x into `features` axes.
+
+  Unlike `nn.DenseGeneral`, the logical partitioning box wraps the full-rank kernel:
+  flax's version builds the kernel flat and reshapes the *boxed* value, which under a mesh
+  applies a rank-N sharding constraint to the rank-2 array and fails.
+
+  Attributes:
+    features: output shape (int or tuple).
+    kernel_axes: logical names of the kernel, input axes first, then the output axes.
+    num_in_axes: how many trailing input axes are contracted.
+  """
+  features: Any
+  kernel_axes: Tuple[Optional[str], ...]
+  num_in_axes: int = 1
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.zeros_init()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    n_in = self.num_in_axes
+    in_shape = x.shape[-n_in:]
+    base_init = self.kernel_init
+
+    def flat_init(key, shape, dtype=jnp.float32):
+      # Fan-in/fan-out of the flattened (prod(in), prod(out)) matrix, as nn.DenseGeneral.
+      return base_init(key, (math.prod(in_shape), math.prod(features)), dtype).reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(flat_init, self.kernel_axes),
+                        in_shape + features, self.param_dtype)
+    bias = (self.param("bias", nn.with_logical_partitioning(
+        self.bias_init, self.kernel_axes[n_in:]), features, self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(
+        x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    return y + bias if bias is not None else y
+
+
 def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
   """Transformer sinusoidal features of (possibly fractional) timesteps t [B] -> [B, dim]."""
   half = dim // 2
@@ -102,9 +145,9 @@ class AdaLayerNorm(nn.Module):
   def __call__(self, x: Array, cond: Array) -> Array:
     """x [B, L, D], cond [B, Dc] -> [B, L, D]."""
     d = x.shape[-1]
-    mod = nn.DenseGeneral((2, d), dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=zeros_init(("cond_embed", None, "embed")),
-                          bias_init=zeros_init((None, "embed")), name="modulation")(nn.silu(cond))
+    mod = DenseGeneral((2, d), ("cond_embed", None, "embed"),
+                       kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="modulation")(nn.silu(cond))
     scale, shift = mod[:, 0], mod[:, 1]
     x = nn.LayerNorm(epsilon=self.epsilon, use_scale=False, use_bias=False,
                      dtype=self.dtype, param_dtype=self.param_dtype)(x)
@@ -147,10 +190,8 @@ class MultiHeadAttention(nn.Module):
     h = self.num_heads
     hd = self.head_dim or d // h
     def dense(features, names, name):
-      # names[0] is the (single) input axis; the bias has the output axes.
-      return nn.DenseGeneral(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                             kernel_init=dense_init(names), bias_init=zeros_init(names[1:]),
-                             name=name)
+      return DenseGeneral(features, names, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=name)
 
     if context is None:
       qkv = dense((3, h, hd), ("embed", None, "heads", "kv"), "qkv")(x)
@@ -176,9 +217,8 @@ class MultiHeadAttention(nn.Module):
     if not deterministic and self.dropout_rate > 0:
       probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=dense_init(("heads", "kv", "embed")),
-                          bias_init=zeros_init(("embed",)), name="out")(out)
+    out = DenseGeneral(d, ("heads", "kv", "embed"), num_in_axes=2, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="out")(out)
     return constrain(out, _BLOCK_AXES)
 
 

@@ -134,14 +134,14 @@ class EMAQuantizer(nn.Module):
     init = lambda key: jax.random.normal(key, (k, d)) / jnp.sqrt(d)  # noqa: E731
     self.codebook = self.variable(
         "vq_stats", "codebook",
-        lambda: nn.Partitioned(init(self.make_rng("params")), ("vocab", "embed")))
+        lambda: nn.LogicallyPartitioned(init(self.make_rng("params")), ("vocab", "embed")))
     self.embed_sum = self.variable(
-        "vq_stats", "embed_sum", lambda: nn.Partitioned(self.codebook.value,
+        "vq_stats", "embed_sum", lambda: nn.LogicallyPartitioned(self.codebook.value,
                                                         ("vocab", "embed")))
     self.cluster_size = self.variable(
-        "vq_stats", "cluster_size", lambda: nn.Partitioned(jnp.ones((k,)), ("vocab",)))
+        "vq_stats", "cluster_size", lambda: nn.LogicallyPartitioned(jnp.ones((k,)), ("vocab",)))
     self.unused_steps = self.variable(
-        "vq_stats", "unused_steps", lambda: nn.Partitioned(jnp.zeros((k,), jnp.int32),
+        "vq_stats", "unused_steps", lambda: nn.LogicallyPartitioned(jnp.zeros((k,), jnp.int32),
                                                            ("vocab",)))
     self.step = self.variable("vq_stats", "step", lambda: jnp.zeros((), jnp.int32))
 

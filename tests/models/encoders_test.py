@@ -33,7 +33,8 @@ def test_shapes_annotations_and_padding_invariance(pooling):
   model = _model(pooling)
   variables = jax.jit(model.init)(jax.random.key(0), tokens, mask, images)
   leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  assert all(isinstance(l, nn.Partitioned) and len(l.names) == l.value.ndim for l in leaves)
+  assert all(isinstance(l, nn.LogicallyPartitioned) and len(l.names) == l.value.ndim
+             for l in leaves)
   apply = jax.jit(model.apply)
   text_tokens, text_emb, image_tokens, image_emb, scale = apply(variables, tokens, mask, images)
   assert text_tokens.shape == (8, 10, 32) and text_emb.shape == (8, 24)

@@ -23,9 +23,9 @@ def _inputs(b=3, n=4, seed=0):
   x = jax.random.randint(k[0], (b, 16), 0, K + 1)
   t = jnp.arange(b) * 10
   text = jax.random.normal(k[1], (b, 5, 12))
-  text_mask = jnp.arange(5)[None] < jnp.array([5, 3, 1])[:b, None]
+  text_mask = jnp.arange(5)[None] < jnp.array([5, 3, 1] * b)[:b, None]
   graph = jax.random.normal(k[2], (b, n, 6))
-  graph_mask = jnp.arange(n)[None] < jnp.array([2, 0, 3])[:b, None]
+  graph_mask = jnp.arange(n)[None] < jnp.array([2, 0, 3] * b)[:b, None]
   return x, t, text, text_mask, graph, graph_mask
 
 
@@ -44,7 +44,8 @@ def test_shapes_dtypes_and_annotations():
   variables = _init(model, x, t, text, tm)  # no graph at init: its slot still exists
   assert "graph_proj" in variables["params"]
   leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  assert all(isinstance(l, nn.Partitioned) and len(l.names) == l.value.ndim for l in leaves)
+  assert all(isinstance(l, nn.LogicallyPartitioned) and len(l.names) == l.value.ndim
+             for l in leaves)
   logits, hidden = _apply(model, variables, x, t, text, tm, graph, gm)
   assert logits.shape == (3, 16, K) and logits.dtype == jnp.float32
   assert hidden.shape == (3, 16, 32)
@@ -119,3 +120,23 @@ def test_tiny_denoiser_overfits_a_fixed_batch():
     params, opt, loss = step(params, opt)
     losses.append(float(loss))
   assert losses[-1] < 0.2 * losses[0]
+
+
+def test_sharded_init_and_forward_match_unsharded():
+  rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("cond_embed", "fsdp"),
+           ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  x, t, text, tm, graph, gm = _inputs(b=8, seed=3)
+  model = _model()
+  variables = _init(model, x, t, text, tm, graph, gm)
+  ref, _ = _apply(model, variables, x, t, text, tm, graph, gm)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x, t, text, tm, graph, gm)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    sharded = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), x, t, text,
+                                                           tm, graph, gm)
+    qkv = sharded["params"]["transformer"]["block_0"]["self_attn"]["qkv"]["kernel"]
+    assert qkv.value.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
+    out, _ = _apply(model, sharded, x, t, text, tm, graph, gm)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

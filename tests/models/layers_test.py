@@ -12,7 +12,7 @@ def _assert_all_annotated(variables):
   leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves
   for leaf in leaves:
-    assert isinstance(leaf, nn.Partitioned), f"unannotated leaf {getattr(leaf, 'shape', leaf)}"
+    assert isinstance(leaf, nn.LogicallyPartitioned), f"unannotated: {leaf}"
     assert len(leaf.names) == leaf.value.ndim
   specs = jax.tree.leaves(nn.get_partition_spec(variables),
                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

@@ -24,7 +24,7 @@ def _tiny(**kw):
 def _assert_all_annotated(tree):
   leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   for leaf in leaves:
-    assert isinstance(leaf, nn.Partitioned), f"unannotated leaf {leaf.shape}"
+    assert isinstance(leaf, nn.LogicallyPartitioned), f"unannotated leaf {leaf.shape}"
     assert len(leaf.names) == leaf.value.ndim
 
 
