@@ -21,7 +21,6 @@ from sd3_jax import train_state as ts
 from sd3_jax.models import aligned_decoders
 from sd3_jax.models import dgae as dgae_lib
 from sd3_jax.models import encoders
-from sd3_jax.models import lm
 from sd3_jax.models import sd3 as sd3_lib
 from sd3_jax.models import text_denoiser
 from sd3_jax.models import vqvae as vqvae_lib

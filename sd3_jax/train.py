@@ -5,12 +5,11 @@
 write metrics, save checkpoints (also on SIGTERM), stop on a non-finite loss.
 """
 import json
-import math
 import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -198,6 +197,11 @@ def run(config, workdir) -> dict:
                 keep_checkpoints=config.train.keep_checkpoints, writer=writer)
     params, model_state, ema = state.params, state.model_state, state.ema_params
     stage_seconds[stage] = round(time.perf_counter() - start, 1)
+    report = evaluate.stage_metrics(stage, model, config, ema, model_state, mesh)
+    if report:
+      summary[f"stage{stage}"] = report
+      writer.write(optim.num_steps, {f"eval/{k}": v for k, v in report.items()},
+                   stage=f"stage{stage}")
   summary["stage_seconds"] = stage_seconds
   if config.data.name == "spatial_scenes" and stages:
     start = time.perf_counter()

@@ -1,5 +1,5 @@
 """The train state and the optimizer: one pytree per stage, checkpointed whole."""
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax
 import jax

@@ -10,7 +10,6 @@ edges between gold real nodes, triple recall, exact-graph reconstruction and cod
 """
 import argparse
 import dataclasses
-import math
 import time
 
 import jax

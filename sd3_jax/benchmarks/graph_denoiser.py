@@ -12,45 +12,14 @@ for the jraph segment attention and the dense attention (same parameters).
   python -m sd3_jax.benchmarks.graph_denoiser --impl=segment --steps=50 --batch=64
 """
 import argparse
-import statistics
-import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from sd3_jax.benchmarks.common import compiled_flops, matmul_flops_per_second, median_seconds
 from sd3_jax.models import graph_denoiser as gd
-
-
-def compiled_flops(compiled: Any) -> float:
-  """FLOPs per call of a compiled executable, per XLA's cost analysis (0 if unknown)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per computation.
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
-
-
-def median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
-  """Median wall time of fn() over `steps` calls after `warmup` calls, each synchronised."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def matmul_flops_per_second(size: int = 4096, steps: int = 20, warmup: int = 3) -> float:
-  """Achieved float32 FLOP/s of a size×size matmul (2·size³ FLOPs) on the default device."""
-  k1, k2 = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(k1, (size, size), jnp.float32)
-  b = jax.random.normal(k2, (size, size), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  seconds = median_seconds(lambda: matmul(a, b), steps, warmup)
-  return 2 * size ** 3 / seconds
 
 
 def make_batch(key: jax.Array, batch: int, num_slots: int, cond_slots: int, num_codes: int,

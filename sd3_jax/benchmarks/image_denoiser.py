@@ -13,35 +13,15 @@ import argparse
 import json
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from sd3_jax.benchmarks.common import compiled_flops, matmul_times
 from sd3_jax.models.image_denoiser import ImageDenoiser
-
-
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax returned one dict per program
-    analysis = analysis[0]
-  return float(analysis["flops"])
-
-
-def matmul_seconds(n: int = 4096, reps: int = 5) -> List[float]:
-  """Wall times of a jitted float32 n×n @ n×n product (after one warm-up call)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  mm = jax.jit(jnp.matmul)
-  jax.block_until_ready(mm(a, b))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(mm(a, b))
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def benchmark(batch: int = 32, steps: int = 20, width: int = 256, num_layers: int = 4,
@@ -71,11 +51,11 @@ def benchmark(batch: int = 32, steps: int = 20, width: int = 256, num_layers: in
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  mm_times = matmul_seconds()
+  mm_times = matmul_times()
   jitted = jax.jit(train_step, donate_argnums=0)
   state = (params, opt_state)
   compiled = jitted.lower(state).compile()
-  flops = _flops(compiled)
+  flops = compiled_flops(compiled)
   for _ in range(3):  # warm-up
     state, loss = compiled(state)
   jax.block_until_ready(loss)
@@ -86,7 +66,7 @@ def benchmark(batch: int = 32, steps: int = 20, width: int = 256, num_layers: in
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - start)
   # The matmul is timed before and after the steps (other processes may share the CPU).
-  mm_times = matmul_seconds() + mm_times
+  mm_times = matmul_times() + mm_times
   mm_flops = 2 * 4096 ** 3
   step_s, mm_s = statistics.median(times), statistics.median(mm_times)
   return {

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sd3_jax.benchmarks.graph_denoiser import (compiled_flops, matmul_flops_per_second,
+from sd3_jax.benchmarks.common import (compiled_flops, matmul_flops_per_second,
                                                median_seconds)
 from sd3_jax.models import text_denoiser as td
 

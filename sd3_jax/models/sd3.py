@@ -6,7 +6,7 @@ helpers here (conditions, tokens, graph codes) are what the stage steps and the 
 call, so each feature is computed one way everywhere.
 """
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax

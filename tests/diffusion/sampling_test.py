@@ -1,5 +1,4 @@
 """Tests for sd3_jax.diffusion.sampling."""
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,109 @@
+"""The stage-4 dual step at the default config: speed, FLOP/s, compile time, peak memory.
+
+Runs the real jitted, sharded, donated `(state, batch, rng) -> (state, metrics)` of
+`steps.make_train_step(..., "4", ...)` (variant sd3: image, text and four graph-denoiser
+passes, L_dual, KL terms) on a synthetic batch with the default shapes, once on 1 CPU
+device and once on 8 forced CPU devices (each in its own process, since the device count
+is fixed when jax starts). FLOPs come from XLA's cost analysis of the compiled step; the
+reference is the same process's float32 4096² matmul.
+
+  python -m sd3_jax.benchmarks.dual_step                 # both device counts
+  python -m sd3_jax.benchmarks.dual_step --devices=8 --steps=5
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _synthetic_batch(config, graph_vocab: int, text_vocab: int):
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  d = config.data
+  b, n, e, l = d.batch_size, d.max_nodes, d.max_edges, d.max_text_len
+  batch = {"image": rng.uniform(-1, 1, (b, d.image_size, d.image_size, 3)).astype(np.float32),
+           "text_ids": rng.integers(0, text_vocab, (b, l)).astype(np.int32),
+           "text_mask": np.arange(l)[None] < rng.integers(4, l, (b, 1))}
+  for prefix in ("g3d", "vsg", "tsg"):
+    real = np.arange(n)[None] < rng.integers(4, n // 2, (b, 1))
+    batch.update({
+        f"{prefix}_node_type": rng.integers(0, 4, (b, n)).astype(np.int32),
+        f"{prefix}_node_tag": rng.integers(2, graph_vocab, (b, n)).astype(np.int32),
+        f"{prefix}_node_mask": real,
+        f"{prefix}_adjacency": rng.integers(0, 5, (b, n, n)).astype(np.int32),
+        f"{prefix}_senders": rng.integers(0, 4, (b, e)).astype(np.int32),
+        f"{prefix}_receivers": rng.integers(0, 4, (b, e)).astype(np.int32),
+        f"{prefix}_edge_type": rng.integers(1, 5, (b, e)).astype(np.int32),
+        f"{prefix}_edge_mask": np.arange(e)[None] < 8})
+  return batch
+
+
+def run_one(args) -> dict:
+  import jax
+
+  from sd3_jax import config_lib, sharding, steps, train, train_state
+  from sd3_jax.benchmarks import common
+  from sd3_jax.models import sd3 as sd3_lib
+
+  config = config_lib.load_config(args.config)
+  model = sd3_lib.SD3(config, text_vocab_size=args.text_vocab, graph_vocab_size=args.graph_vocab)
+  mesh = sharding.make_mesh(config.mesh)
+  batch = sharding.to_global(_synthetic_batch(config, args.graph_vocab, args.text_vocab), mesh)
+  rng = jax.random.key(0)
+  params, model_state, abstract = train.init_model(model, config, mesh, batch, rng)
+  tx = train_state.make_optimizer(train._stage_optim(config, "4"), steps.trainable_mask("4"))
+  state, state_sharding = train.make_state(config, mesh, tx, params, model_state, abstract)
+  jitted = train.compile_step(steps.make_train_step(model, config, "4", tx), state_sharding,
+                              mesh)
+  start = time.perf_counter()
+  compiled = jitted.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  flops = common.compiled_flops(compiled)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch, rng)
+    return metrics
+
+  step_s = common.median_seconds(one_step, args.steps, warmup=2)
+  matmul = common.matmul_flops_per_second(steps=5, warmup=1)
+  peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+          + memory.output_size_in_bytes - memory.alias_size_in_bytes) if memory else None
+  return {"devices": jax.device_count(), "batch": config.data.batch_size,
+          "ms_per_step": round(1e3 * step_s, 1),
+          "examples_per_s": round(config.data.batch_size / step_s, 1),
+          "gflop_per_step": round(flops / 1e9, 2),
+          "achieved_gflop_per_s": round(flops / step_s / 1e9, 2),
+          "matmul_gflop_per_s": round(matmul / 1e9, 2),
+          "fraction_of_matmul": round(flops / step_s / matmul, 3),
+          "compile_s": round(compile_s, 1),
+          "peak_memory_mib": round(peak / 2 ** 20, 1) if peak is not None else None}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="experiments/spatial_scenes.py")
+  parser.add_argument("--devices", type=int, default=0, help="0: run 1 and 8 in subprocesses")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--text_vocab", type=int, default=256)
+  parser.add_argument("--graph_vocab", type=int, default=32)
+  args = parser.parse_args(argv)
+  if args.devices:
+    print(json.dumps(run_one(args)), flush=True)
+    return
+  for devices in (1, 8):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "sd3_jax.benchmarks.dual_step", f"--devices={devices}",
+           f"--steps={args.steps}", f"--config={args.config}",
+           f"--text_vocab={args.text_vocab}", f"--graph_vocab={args.graph_vocab}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    print(out.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+  main()
