@@ -60,7 +60,7 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
         log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 2,
         writer: Optional[metrics_lib.MetricWriter] = None,
         periodic: Optional[Callable[[int, Any], None]] = None, periodic_every: int = 0,
-        to_global: Optional[Callable] = None) -> Any:
+        to_global: Optional[Callable] = None, train: bool = True) -> Any:
   """Runs one stage to `num_steps`, resuming from `<workdir>/checkpoints/<stage>` if present.
 
   `batches` is an iterator of host-local numpy batches with grain's `get_state()` /
@@ -82,6 +82,11 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
   if start >= num_steps:
     manager.close()
     return state
+  if not train:
+    manager.close()
+    raise FileNotFoundError(
+        f"[{stage}] no finished checkpoint in {workdir / 'checkpoints' / stage} (have step "
+        f"{start} of {num_steps}); eval/sample modes need a trained workdir")
 
   jitted = compile_step(step_fn, state_sharding, mesh)
   progress = metrics_lib.Progress(stage, num_steps, batch_size, start_step=start)
@@ -160,7 +165,13 @@ def make_state(config, mesh, tx, params, model_state, abstract):
 
 
 def run(config, workdir) -> dict:
-  """The main job: the data stage, then every configured training stage, then samples."""
+  """The main job: the data stage, then every configured training stage, then samples.
+
+  `config.mode`: 'train' trains what is missing (resuming), then evaluates; 'eval' and
+  'sample' only restore the finished stages of `workdir` and evaluate / write samples.
+  """
+  if config.mode not in ("train", "eval", "sample"):
+    raise ValueError(f"config.mode must be train, eval or sample, got {config.mode!r}")
   from sd3_jax.data import stage as data_stage
 
   workdir = pathlib.Path(workdir)
@@ -194,10 +205,12 @@ def run(config, workdir) -> dict:
                 batch_size=config.data.batch_size, rng=jax.random.fold_in(rng, hash(stage) % 2**31),
                 log_every=config.train.log_every_steps,
                 checkpoint_every=config.train.checkpoint_every_steps,
-                keep_checkpoints=config.train.keep_checkpoints, writer=writer)
+                keep_checkpoints=config.train.keep_checkpoints, writer=writer,
+                train=config.mode == "train")
     params, model_state, ema = state.params, state.model_state, state.ema_params
     stage_seconds[stage] = round(time.perf_counter() - start, 1)
-    report = evaluate.stage_metrics(stage, model, config, ema, model_state, mesh)
+    report = ({} if config.mode == "sample" else
+              evaluate.stage_metrics(stage, model, config, ema, model_state, mesh))
     if report:
       summary[f"stage{stage}"] = report
       writer.write(optim.num_steps, {f"eval/{k}": v for k, v in report.items()},
@@ -211,7 +224,8 @@ def run(config, workdir) -> dict:
     writer.write(int(sum(config[f"stage{s}"].num_steps for s in stages)),
                  {f"eval/{k}": v for k, v in summary["eval"].items() if np.isscalar(v)})
   writer.close()
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  out = {"train": "summary.json", "eval": "results.json", "sample": "samples.json"}
+  (workdir / out[config.mode]).write_text(json.dumps(summary, indent=2))
   return summary
 
 

@@ -37,7 +37,7 @@ def _synthetic_batch(config, graph_vocab: int, text_vocab: int):
         f"{prefix}_senders": rng.integers(0, 4, (b, e)).astype(np.int32),
         f"{prefix}_receivers": rng.integers(0, 4, (b, e)).astype(np.int32),
         f"{prefix}_edge_type": rng.integers(1, 5, (b, e)).astype(np.int32),
-        f"{prefix}_edge_mask": np.arange(e)[None] < 8})
+        f"{prefix}_edge_mask": np.broadcast_to(np.arange(e) < 8, (b, e)).copy()})
   return batch
 
 
@@ -49,6 +49,13 @@ def run_one(args) -> dict:
   from sd3_jax.models import sd3 as sd3_lib
 
   config = config_lib.load_config(args.config)
+  for item in args.set:  # e.g. --set=data.batch_size=32
+    key, value = item.split("=", 1)
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[leaf] = type(node[leaf])(eval(value)) if not isinstance(node[leaf], str) else value
   model = sd3_lib.SD3(config, text_vocab_size=args.text_vocab, graph_vocab_size=args.graph_vocab)
   mesh = sharding.make_mesh(config.mesh)
   batch = sharding.to_global(_synthetic_batch(config, args.graph_vocab, args.text_vocab), mesh)
@@ -91,6 +98,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--text_vocab", type=int, default=256)
   parser.add_argument("--graph_vocab", type=int, default=32)
+  parser.add_argument("--set", action="append", default=[],
+                      help="config override key=value (repeatable)")
   args = parser.parse_args(argv)
   if args.devices:
     print(json.dumps(run_one(args)), flush=True)
@@ -101,6 +110,7 @@ def main(argv=None):
     cmd = [sys.executable, "-m", "sd3_jax.benchmarks.dual_step", f"--devices={devices}",
            f"--steps={args.steps}", f"--config={args.config}",
            f"--text_vocab={args.text_vocab}", f"--graph_vocab={args.graph_vocab}"]
+    cmd += [f"--set={item}" for item in args.set]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     print(out.stdout.strip().splitlines()[-1], flush=True)
 

@@ -98,7 +98,7 @@ class SD3:
         graph_den=graph_denoiser.GraphDenoiser(
             num_codes=num_codes, width=den["graph"].width, num_layers=den["graph"].num_layers,
             num_heads=den["graph"].num_heads, teacher_dim=den["image"].width,
-            fsq_levels=levels),
+            fsq_levels=levels, attention_impl=den["graph"].attention_impl),
     )
     for name, net in nets.items():
       object.__setattr__(self, name, net)
