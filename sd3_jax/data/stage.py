@@ -12,6 +12,8 @@ from sd3_jax import metrics as metrics_lib
 from sd3_jax import sharding as sharding_lib
 from sd3_jax.data import builders
 from sd3_jax.data import pipeline
+from sd3_jax.data import tokenizer as tokenizer_lib
+from sd3_jax.data import vsd
 
 
 def prepare(config) -> dict:
@@ -30,6 +32,7 @@ def run(config, mesh) -> dict:
   info["prepare_seconds"] = round(time.perf_counter() - start, 2)
   metrics_lib.say(f"[data] prepared {info.get('dataset')} in {info['prepare_seconds']} s: "
                   + ", ".join(f"{k}={v['num_images']} images" for k, v in info["splits"].items()))
+  info["captions_truncated"] = _count_truncated(config, info)
 
   batches = iter(pipeline.make_dataset(config, "train", seed=config.seed,
                                        process_index=jax.process_index(),
@@ -47,6 +50,24 @@ def run(config, mesh) -> dict:
   metrics_lib.say(f"[data] pipeline: {rate:.0f} examples/s over {config.data.check_batches} "
                   f"batches of {config.data.batch_size}")
   return info
+
+
+def _count_truncated(config, info) -> dict:
+  """How many training captions are longer than `data.max_text_len` (cut, never silently)."""
+  if "raw_dir" not in info:
+    return {}
+  tok = tokenizer_lib.load_tokenizer(info["tokenizer"])
+  records = vsd.load_records(pathlib.Path(info["raw_dir"]) / "train.json")
+  out = {}
+  for field in ("captions", "captions_v2"):
+    captions = [c for r in records for c in (getattr(r, field) or ())]
+    lengths = [len(ids) for ids in tok(captions)["input_ids"]] if captions else []
+    cut = sum(n > config.data.max_text_len for n in lengths)
+    out[field] = {"truncated": cut, "total": len(lengths)}
+    if cut:
+      metrics_lib.say(f"[data] {cut}/{len(lengths)} training {field} are longer than "
+                      f"data.max_text_len={config.data.max_text_len} tokens and get cut")
+  return out
 
 
 def data_dir(config, workdir) -> str:
