@@ -216,7 +216,7 @@ def run(config, workdir) -> dict:
       writer.write(optim.num_steps, {f"eval/{k}": v for k, v in report.items()},
                    stage=f"stage{stage}")
   summary["stage_seconds"] = stage_seconds
-  if config.data.name == "spatial_scenes" and stages:
+  if config.data.name == "spatial_scenes" and "4" in stages:
     start = time.perf_counter()
     summary["eval"] = evaluate.spatial_eval(model, config, ema, model_state, mesh,
                                             jax.random.fold_in(rng, 7), workdir)
