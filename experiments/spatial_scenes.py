@@ -27,8 +27,6 @@ def get_config(arg=None):
   # Stage 0: VQ-VAE (0a), then encoders + tokenizer-side priors (0b); 1: DGAE; 2: G_V and
   # G_T alignment; 3: 2DSG -> 3DSG graph diffusion; 4: the dual step.
   config.stages = "0,1,2,3,4"
-  config.init_from = ml_collections.config_dict.placeholder(str)  # params-only warm start
-  config.resume = ml_collections.config_dict.placeholder(str)  # another run's workdir
 
   # The data stage: generate scenes -> graph vocab + tokenizer -> array_record -> batches.
   config.data = data = ml_collections.ConfigDict()
