@@ -40,6 +40,15 @@ def graph_3d(model: sd3_lib.SD3, params, cond_ids, global_feat, key, *, num_step
   return _sample(model.graph_process, denoise, key, (b, n), cond, num_steps=num_steps)
 
 
+def _graph_condition(model, config, params, batch, prefix, global_feat, key, num_steps, out):
+  """c^G for the 3D->X chain: the 3DSG generated from the batch's 2DSG (None without 3DSG)."""
+  if not steps.variant_flags(config.variant)["graph"]:
+    return None, None
+  codes = model.graph_codes(params, sd3_lib.graph_of(batch, prefix))
+  out["graph_codes"] = graph_3d(model, params, codes, global_feat, key, num_steps=num_steps)
+  return model.code_features(out["graph_codes"])
+
+
 def st2i(model: sd3_lib.SD3, config, params, model_state, batch: Mapping[str, Any],
          key, *, num_steps: int, truncation_r: Optional[float] = None,
          guidance_scale: Optional[float] = None) -> dict:
@@ -50,13 +59,8 @@ def st2i(model: sd3_lib.SD3, config, params, model_state, batch: Mapping[str, An
   b = ids.shape[0]
   text_tokens, c_y = model.text_condition(params, ids, mask)
   out = {}
-  if flags["graph"]:
-    tsg = model.graph_codes(params, sd3_lib.graph_of(batch, "tsg"))
-    z_g = graph_3d(model, params, tsg, c_y, k_g, num_steps=num_steps)
-    g_feats, g_mask = model.code_features(z_g)
-    out["graph_codes"] = z_g
-  else:
-    g_feats = g_mask = None
+  g_feats, g_mask = _graph_condition(model, config, params, batch, "tsg", c_y, k_g, num_steps,
+                                     out)
   cond = {"text": text_tokens, "mask": mask, "g": g_feats, "gm": g_mask,
           "drop": jnp.zeros((b,), bool)}
 
@@ -87,13 +91,8 @@ def si2t(model: sd3_lib.SD3, config, params, model_state, batch: Mapping[str, An
   image_tokens, c_i = model.image_condition(params, batch["image"])
   b, length = batch["text_ids"].shape
   out = {}
-  if flags["graph"]:
-    vsg = model.graph_codes(params, sd3_lib.graph_of(batch, "vsg"))
-    z_g = graph_3d(model, params, vsg, c_i, k_g, num_steps=num_steps)
-    g_feats, g_mask = model.code_features(z_g)
-    out["graph_codes"] = z_g
-  else:
-    g_feats = g_mask = None
+  g_feats, g_mask = _graph_condition(model, config, params, batch, "vsg", c_i, k_g, num_steps,
+                                     out)
   drop = jnp.zeros((b,), bool)
   # The length head fixes the caption length first (DDCap); it reads only the condition.
   x_full = jnp.full((b, length), model.text_process.mask_id or 0, jnp.int32)
