@@ -222,7 +222,8 @@ def run(config, workdir) -> dict:
                                             jax.random.fold_in(rng, 7), workdir)
     summary["eval_seconds"] = round(time.perf_counter() - start, 1)
     writer.write(int(sum(config[f"stage{s}"].num_steps for s in stages)),
-                 {f"eval/{k}": v for k, v in summary["eval"].items() if np.isscalar(v)})
+                 {f"eval/{k}": v for k, v in summary["eval"].items() if np.isscalar(v)},
+                 stage="eval")
   writer.close()
   out = {"train": "summary.json", "eval": "results.json", "sample": "samples.json"}
   (workdir / out[config.mode]).write_text(json.dumps(summary, indent=2))

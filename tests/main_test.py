@@ -26,7 +26,7 @@ def test_train_then_eval(tmp_path):
   assert 0.0 <= summary["eval"]["st2i/spatial_acc"] <= 1.0
   assert "vqvae/codebook_usage" in summary["stage0a"]
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert {r["stage"] for r in rows} == {"stage0a", "stage0b", "stage4"}
+  assert {r["stage"] for r in rows} == {"stage0a", "stage0b", "stage4", "eval"}
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "samples" / "st2i_final.png").stat().st_size > 0
   assert (tmp_path / "samples" / "si2t_final.png").stat().st_size > 0

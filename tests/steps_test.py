@@ -96,7 +96,11 @@ def test_dual_step_is_mesh_invariant(tiny_config):
     mesh = sharding.make_mesh(list(zip(sharding.MESH_AXES, shape)))
     losses, params = _two_dual_steps(config, model, host_batch, mesh)
     np.testing.assert_allclose(losses, want_losses, rtol=2e-4, err_msg=str(shape))
-    # atol: Adam divides by sqrt(v) + 1e-8, which turns float32 reduction-order noise in
-    # structurally ~0 gradients into updates ~1e-5; real updates are ~lr = 5e-4.
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
-      np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4, err_msg=str(shape))
+    # Adam divides by sqrt(v) + 1e-8, so float32 reduction-order noise in gradients that are
+    # structurally ~0 becomes updates of up to ~lr, with a random sign. Such elements are
+    # rare; everything else must agree tightly, and nothing may differ by more than 2 lr.
+    lr = config.stage4.lr
+    got = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
+    want = np.concatenate([np.ravel(x) for x in jax.tree.leaves(want_params)])
+    assert np.mean(~np.isclose(got, want, rtol=1e-3, atol=1e-5)) < 1e-3, shape
+    np.testing.assert_array_less(np.abs(got - want), 2 * lr + 1e-6, err_msg=str(shape))
