@@ -14,15 +14,6 @@ from sd3_jax.diffusion import transitions
 K, T, B, L = 5, 6, 12, 7
 COMBOS = list(itertools.product(schedules.TRANSITION_KINDS, schedules.SCHEDULES))
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """These tests compile many tiny programs; XLA optimisation would dominate runtime."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 
 def _batch(proc, seed=0):
   k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)

@@ -13,15 +13,6 @@ from sd3_jax.diffusion import transitions
 K, T, B, L = 7, 8, 4, 6
 PATHS = ("full", "strided", "truncation", "guidance", "confidence")
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """These tests compile many tiny programs; XLA optimisation would dominate runtime."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 
 def random_denoiser(num_states, seed=0):
   """A fixed random 'network': logits depend on t, on x_t and on the condition."""

@@ -12,15 +12,6 @@ from sd3_jax.diffusion import transitions
 K, T = 5, 6
 COMBOS = list(itertools.product(schedules.TRANSITION_KINDS, schedules.SCHEDULES))
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """These tests compile many tiny programs; XLA optimisation would dominate runtime."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 
 def one_step_matrices(proc):
   """Row-stochastic float64 Q_t[j, i] = q(x_t = i | x_{t-1} = j), t = 1..T."""

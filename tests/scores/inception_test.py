@@ -236,16 +236,7 @@ def test_convert_reports_missing_unused_and_bad_shapes(state):
     inception.convert_state_dict(bad, model, (x,), source="w.pth")
 
 
-@pytest.fixture
-def fast_compile():
-  """XLA's full optimisation pipeline triples the backward pass's compile time here."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
-def test_forward_uses_every_weight(variables, fast_compile):
+def test_forward_uses_every_weight(variables):
   model = inception.FIDInceptionV3(resize_input=False)
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 75, 75, 3))
 
@@ -270,7 +261,7 @@ def test_forward_uses_every_weight(variables, fast_compile):
   assert not np.allclose(f2, feats)
 
 
-def test_fid_features_batches(variables, fast_compile):
+def test_fid_features_batches(variables):
   images = np.random.default_rng(0).uniform(size=(3, 40, 40, 3)).astype(np.float32)
   feats, logits = inception.fid_features(variables, images, batch_size=2)
   assert feats.shape == (3, 2048) and logits.shape == (3, 1008)
