@@ -137,7 +137,7 @@ def loss_2(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   return loss, (model_state, {"loss": loss, "v_rec": v_rec, "t_dec": t_dec})
 
 
-def _graph_chain(model, params, z0, z_t, t, cond_ids, global_feat, drop, teacher=None,
+def _graph_chain(model, params, z_t, t, cond_ids, global_feat, drop, teacher=None,
                  teacher_mask=None):
   cond_mask = cond_ids < model.graph_den.num_codes
   return model.graph_den.apply({"params": params["graph_den"]}, z_t, t, cond_ids, cond_mask,
@@ -163,8 +163,8 @@ def loss_3(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   t = _sample_t(k_t, b, config.diffusion.num_steps)
   z_t = model.graph_process.q_sample(k_q, z0, t)
   drop = _drop(k_drop, b, config.diffusion.cond_drop_rate)
-  logits_i, _ = _graph_chain(model, params, z0, z_t, t, vsg, c_i, drop)
-  logits_t, _ = _graph_chain(model, params, z0, z_t, t, tsg, c_y, drop)
+  logits_i, _ = _graph_chain(model, params, z_t, t, vsg, c_i, drop)
+  logits_t, _ = _graph_chain(model, params, z_t, t, tsg, c_y, drop)
   l_i, aux_i = _vlb(config, model.graph_process, logits_i, z0, z_t, t)
   l_t, aux_t = _vlb(config, model.graph_process, logits_t, z0, z_t, t)
   loss = l_i + l_t
@@ -220,8 +220,8 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
     vsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "vsg")))
     tsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "tsg")))
     z_gt = model.graph_process.q_sample(k_g, z_g, t)
-    s_i, _ = _graph_chain(model, params, z_g, z_gt, t, vsg, c_i, drop)
-    s_t, _ = _graph_chain(model, params, z_g, z_gt, t, tsg, c_y, drop)
+    s_i, _ = _graph_chain(model, params, z_gt, t, vsg, c_i, drop)
+    s_t, _ = _graph_chain(model, params, z_gt, t, tsg, c_y, drop)
     l_i23d, _ = _vlb(config, model.graph_process, s_i, z_g, z_gt, t)
     l_t23d, _ = _vlb(config, model.graph_process, s_t, z_g, z_gt, t)
     loss = loss + w.graph * (l_i23d + l_t23d)
@@ -230,8 +230,8 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
       # Teachers see the dual 3D->X chain's step-t hidden states (paper eq. 2-3, App. C.3):
       # VSG->3DSG gets the image chain's, TSG->3DSG the text chain's (which fuses c^I).
       img_feats, img_mask = model.teacher_from_image(sg(h_i))
-      tea_i, _ = _graph_chain(model, params, z_g, z_gt, t, vsg, c_i, drop, img_feats, img_mask)
-      tea_t, _ = _graph_chain(model, params, z_g, z_gt, t, tsg, c_y, drop, sg(h_y), mask)
+      tea_i, _ = _graph_chain(model, params, z_gt, t, vsg, c_i, drop, img_feats, img_mask)
+      tea_t, _ = _graph_chain(model, params, z_gt, t, tsg, c_y, drop, sg(h_y), mask)
       l_tea_i, _ = _vlb(config, model.graph_process, tea_i, z_g, z_gt, t)
       l_tea_t, _ = _vlb(config, model.graph_process, tea_t, z_g, z_gt, t)
       kl = _kl_x0(s_i, sg(tea_i)) + _kl_x0(s_t, sg(tea_t))

@@ -202,7 +202,10 @@ def run(config, workdir) -> dict:
     state = fit(stage=f"stage{stage}", step_fn=steps.make_train_step(model, config, stage, tx),
                 state=state, state_sharding=state_sharding, batches=_batches(config, stage),
                 mesh=mesh, workdir=workdir, num_steps=optim.num_steps,
-                batch_size=config.data.batch_size, rng=jax.random.fold_in(rng, hash(stage) % 2**31),
+                batch_size=config.data.batch_size,
+                # A fixed index, not hash(): str hashes change per process, which would
+                # break exact resumption.
+                rng=jax.random.fold_in(rng, steps.STAGES.index(stage)),
                 log_every=config.train.log_every_steps,
                 checkpoint_every=config.train.checkpoint_every_steps,
                 keep_checkpoints=config.train.keep_checkpoints, writer=writer,
@@ -234,10 +237,8 @@ def _batches(config, stage: str):
   from sd3_jax.data import pipeline
 
   # Each stage reads its own shuffle of the training split.
-  seed = config.seed * 1000 + (STAGE_SEEDS.index(stage) if stage in STAGE_SEEDS else 99)
+  seed = config.seed * 1000 + (steps.STAGES.index(stage) if stage in steps.STAGES else 99)
   return iter(pipeline.make_dataset(config, "train", seed=seed,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count()))
 
-
-STAGE_SEEDS = ("0a", "0b", "1", "2", "3", "4")

@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def compiled_flops(compiled: Any) -> float:
@@ -46,3 +47,28 @@ def matmul_times(size: int = 4096, steps: int = 5, warmup: int = 1) -> list[floa
 def matmul_flops_per_second(size: int = 4096, steps: int = 20, warmup: int = 3) -> float:
   """Achieved float32 FLOP/s of the size×size matmul, median over `steps` calls."""
   return 2 * size ** 3 / statistics.median(matmul_times(size, steps, warmup))
+
+
+def time_train_step(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
+                    steps: int, warmup: int) -> dict[str, float]:
+  """Compiles a donated AdamW step on `loss_fn(params, batch)` and times it.
+
+  Returns ms/step (median), FLOPs/step (XLA cost analysis) and achieved FLOP/s.
+  """
+  tx = optax.adamw(1e-4, weight_decay=1e-4)
+
+  def train_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  state = [params, tx.init(params)]
+  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(*state, batch).compile()
+  flops = compiled_flops(compiled)
+
+  def run():
+    state[0], state[1], loss = compiled(state[0], state[1], batch)
+    return loss
+
+  seconds = median_seconds(run, steps, warmup)
+  return {"ms": seconds * 1e3, "flops": flops, "flops_per_s": flops / seconds}

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sd3_jax.benchmarks.common import compiled_flops, matmul_flops_per_second, median_seconds
+from sd3_jax.benchmarks import common
 from sd3_jax.models import graph_denoiser as gd
 
 
@@ -47,29 +47,14 @@ def benchmark(impl: str, args: argparse.Namespace) -> dict[str, float]:
                      args.num_codes, args.global_dim)
   inputs = {k: v for k, v in batch.items() if k != "x0"}
   params = jax.jit(model.init)(jax.random.key(0), **inputs)["params"]
-  tx = optax.adamw(1e-4, weight_decay=1e-4)
-  opt_state = tx.init(params)
 
-  def train_step(params, opt_state, batch):
-    def loss_fn(p):
-      logits, _ = model.apply({"params": p}, batch["z_t"], batch["t"], batch["cond_codes"],
-                              batch["cond_mask"], batch["global_feat"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["x0"]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def loss_fn(p, batch):
+    logits, _ = model.apply({"params": p}, batch["z_t"], batch["t"], batch["cond_codes"],
+                            batch["cond_mask"], batch["global_feat"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["x0"]).mean()
 
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-      params, opt_state, batch).compile()
-  flops = compiled_flops(compiled)
-  state = [params, opt_state]
-
-  def run():
-    state[0], state[1], loss = compiled(state[0], state[1], batch)
-    return loss
-
-  seconds = median_seconds(run, args.steps, args.warmup)
-  return {"ms": seconds * 1e3, "flops": flops, "flops_per_s": flops / seconds}
+  return common.time_train_step(loss_fn, params, batch, steps=args.steps,
+                                warmup=args.warmup)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -92,10 +77,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f"device: {device.platform} {device.device_kind} (x{jax.device_count()})")
   # Measured before and after the models; the faster is the reference, so a busy shared
   # host during one measurement does not inflate the fractions.
-  before = matmul_flops_per_second(args.matmul_size, args.steps, args.warmup)
+  before = common.matmul_flops_per_second(args.matmul_size, args.steps, args.warmup)
   impls = ("segment", "dense") if args.impl == "both" else (args.impl,)
   results = {impl: benchmark(impl, args) for impl in impls}
-  after = matmul_flops_per_second(args.matmul_size, args.steps, args.warmup)
+  after = common.matmul_flops_per_second(args.matmul_size, args.steps, args.warmup)
   peak = max(before, after)
   print(f"float32 {args.matmul_size}² matmul: {before / 1e12:.3f} TFLOP/s before, "
         f"{after / 1e12:.3f} after; reference {peak / 1e12:.3f} TFLOP/s")

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sd3_jax.benchmarks.common import (compiled_flops, matmul_flops_per_second,
-                                               median_seconds)
+from sd3_jax.benchmarks import common
 from sd3_jax.models import text_denoiser as td
 
 
@@ -52,33 +51,18 @@ def benchmark(args: argparse.Namespace) -> dict[str, float]:
   batch = make_batch(jax.random.key(1), args)
   inputs = {k: v for k, v in batch.items() if k != "x0"}
   params = jax.jit(model.init)(jax.random.key(0), **inputs)["params"]
-  tx = optax.adamw(1e-4, weight_decay=1e-4)
-  opt_state = tx.init(params)
 
-  def train_step(params, opt_state, batch):
-    def loss_fn(p):
-      logits, _, length_logits = model.apply(
-          {"params": p}, batch["x_t"], batch["t"], batch["text_mask"], batch["image_feats"],
-          batch["image_mask"], batch["graph_feats"], batch["graph_mask"])
-      mask = batch["text_mask"]
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["x0"])
-      ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
-      return ce + td.length_loss(length_logits, mask)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def loss_fn(p, batch):
+    logits, _, length_logits = model.apply(
+        {"params": p}, batch["x_t"], batch["t"], batch["text_mask"], batch["image_feats"],
+        batch["image_mask"], batch["graph_feats"], batch["graph_mask"])
+    mask = batch["text_mask"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["x0"])
+    ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return ce + td.length_loss(length_logits, mask)
 
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-      params, opt_state, batch).compile()
-  flops = compiled_flops(compiled)
-  state = [params, opt_state]
-
-  def run():
-    state[0], state[1], loss = compiled(state[0], state[1], batch)
-    return loss
-
-  seconds = median_seconds(run, args.steps, args.warmup)
-  return {"ms": seconds * 1e3, "flops": flops, "flops_per_s": flops / seconds}
+  return common.time_train_step(loss_fn, params, batch, steps=args.steps,
+                                warmup=args.warmup)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -100,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   device = jax.devices()[0]
   print(f"device: {device.platform} {device.device_kind} (x{jax.device_count()})")
-  peak = matmul_flops_per_second(args.matmul_size, args.steps, args.warmup)
+  peak = common.matmul_flops_per_second(args.matmul_size, args.steps, args.warmup)
   print(f"float32 {args.matmul_size}² matmul: {peak / 1e12:.3f} TFLOP/s")
   r = benchmark(args)
   print(f"text denoiser train step: {r['ms']:.2f} ms/step (median of {args.steps}), "
