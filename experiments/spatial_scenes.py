@@ -27,6 +27,11 @@ def get_config(arg=None):
   # Stage 0: VQ-VAE (0a), then encoders + tokenizer-side priors (0b); 1: DGAE; 2: G_V and
   # G_T alignment; 3: 2DSG -> 3DSG graph diffusion; 4: the dual step.
   config.stages = "0,1,2,3,4"
+  # Where weights come from when this workdir has no checkpoint of a stage: `resume`, another
+  # run's workdir, continues its stages exactly (optimizer + data state); `init_from`, a
+  # workdir or one stage's checkpoint directory, gives starting weights only.
+  config.resume = ml_collections.config_dict.placeholder(str)
+  config.init_from = ml_collections.config_dict.placeholder(str)
 
   # The data stage: generate scenes -> graph vocab + tokenizer -> array_record -> batches.
   config.data = data = ml_collections.ConfigDict()
@@ -99,7 +104,9 @@ def get_config(arg=None):
 
   config.train = ml_collections.ConfigDict(dict(
       log_every_steps=25, checkpoint_every_steps=100, keep_checkpoints=2,
-      sample_every_steps=0))  # 0: samples only at the end of a stage
+      # Stage-4 sample sheets (ST2I, SI2T, 3DSG drawings) every N steps; 0: only the final
+      # evaluation's grids (each sheet costs a sampler compile + run).
+      sample_every_steps=0))
 
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=1.0,
@@ -141,6 +148,6 @@ def get_config(arg=None):
     model.teacher_tokens = 4
     for name in ("stage0a", "stage0b", "stage1", "stage2", "stage3", "stage4"):
       config[name].update(num_steps=3, warmup_steps=1)
-    config.train.update(log_every_steps=1, checkpoint_every_steps=2)
+    config.train.update(log_every_steps=1, checkpoint_every_steps=2, sample_every_steps=2)
     config.eval.update(num_samples=8, sampling_steps=4, batch_size=8)
   return config

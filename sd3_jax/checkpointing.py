@@ -48,3 +48,31 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
     items["data"] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return step, restored["state"], restored.get("data") if "data" in items else None
+
+
+def latest_step(directory) -> Optional[int]:
+  """The newest finished step under `directory`, or None (missing directory included)."""
+  if not pathlib.Path(directory).is_dir():
+    return None
+  manager = make_manager(directory, async_save=False)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def restore_weights(directory, abstract_weights: dict, step: Optional[int] = None) -> dict:
+  """Restores only `params` and `model_state` of a saved train state (no optimizer state),
+  onto the shardings `abstract_weights` carries: `init_from` starts a run from another
+  run's weights whatever its optimizer or mesh was."""
+  manager = make_manager(directory, async_save=False)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_weights)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_weights, restore_args=restore_args, partial_restore=True)))
+    return restored["state"]
+  finally:
+    manager.close()

@@ -20,6 +20,7 @@ import ml_collections
 from sd3_jax import checkpointing
 from sd3_jax import evaluate
 from sd3_jax import metrics as metrics_lib
+from sd3_jax import samples as samples_lib
 from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
 from sd3_jax import train_state
@@ -60,23 +61,31 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
         log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 2,
         writer: Optional[metrics_lib.MetricWriter] = None,
         periodic: Optional[Callable[[int, Any], None]] = None, periodic_every: int = 0,
-        to_global: Optional[Callable] = None, train: bool = True) -> Any:
-  """Runs one stage to `num_steps`, resuming from `<workdir>/checkpoints/<stage>` if present.
+        to_global: Optional[Callable] = None, train: bool = True,
+        resume_dir=None, config_json: Optional[dict] = None) -> Any:
+  """Runs one stage to `num_steps`, resuming from `<workdir>/checkpoints/<stage>` if present,
+  else from `<resume_dir>/checkpoints/<stage>` (another run's workdir) if that has one.
 
   `batches` is an iterator of host-local numpy batches with grain's `get_state()` /
-  `set_state()`; its state is checkpointed with the train state so a resumed run reads
-  exactly the batches it would have read.
+  `set_state()`; its state is checkpointed with the train state (and `config_json`, for the
+  record) so a resumed run reads exactly the batches it would have read.
   """
   workdir = pathlib.Path(workdir)
   manager = checkpointing.make_manager(workdir / "checkpoints" / stage,
                                        max_to_keep=keep_checkpoints)
   to_global = to_global or (lambda b: sharding_lib.to_global(b, mesh))
-  if manager.latest_step() is not None:
-    abstract = checkpointing.abstract(state)
-    start, state, data_state = checkpointing.restore(manager, abstract)
+  source = manager
+  if manager.latest_step() is None and resume_dir is not None:
+    source_dir = pathlib.Path(resume_dir) / "checkpoints" / stage
+    if checkpointing.latest_step(source_dir) is not None:
+      source = checkpointing.make_manager(source_dir, async_save=False)
+  if source.latest_step() is not None:
+    start, state, data_state = checkpointing.restore(source, checkpointing.abstract(state))
     if data_state is not None and hasattr(batches, "set_state"):
       batches.set_state(_decode_data_state(data_state))
-    metrics_lib.say(f"[{stage}] resumed at step {start}")
+    metrics_lib.say(f"[{stage}] resumed at step {start} from {source.directory}")
+    if source is not manager:
+      source.close()
   else:
     start = 0
   if start >= num_steps:
@@ -110,7 +119,7 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
       if periodic is not None and periodic_every and step % periodic_every == 0:
         periodic(step, state)
       if step % checkpoint_every == 0 or step == num_steps or preemption.requested:
-        checkpointing.save(manager, step, state, _data_state(batches), force=True)
+        checkpointing.save(manager, step, state, _data_state(batches), config_json, force=True)
       if preemption.requested:
         manager.wait_until_finished()
         manager.close()
@@ -177,8 +186,11 @@ def run(config, workdir) -> dict:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config.data.dir = data_stage.data_dir(config, workdir)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  config_json = json.loads(config.to_json_best_effort())
+  (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
   mesh = sharding_lib.make_mesh(config.mesh)
+  stages = steps.stages_to_run(config)
+  weights_dir = _initial_weights_dir(config, workdir, stages)  # fails before the data stage
   summary = {"data": data_stage.run(config, mesh)}
   (workdir / "data_report.json").write_text(json.dumps(summary["data"], indent=2))
 
@@ -188,7 +200,11 @@ def run(config, workdir) -> dict:
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   first = sharding_lib.to_global(next(iter(_batches(config, "init"))), mesh)
   params, model_state, abstract = init_model(model, config, mesh, first, rng)
-  stages = steps.stages_to_run(config)
+  if weights_dir is not None:
+    restored = checkpointing.restore_weights(weights_dir, checkpointing.abstract(
+        {"params": params, "model_state": model_state}))
+    params, model_state = restored["params"], restored["model_state"]
+    metrics_lib.say(f"[train] weights from {weights_dir}")
   metrics_lib.say(f"[train] variant {config.variant}: stages {', '.join(stages)}")
   stage_seconds = {}
   for stage in stages:
@@ -199,6 +215,11 @@ def run(config, workdir) -> dict:
       params = dict(params, g_v=aligned_decoders.load_vq_decoder(params["g_v"],
                                                                  params["vqvae"]))
     state, state_sharding = make_state(config, mesh, tx, params, model_state, abstract)
+    sheets = None
+    if (stage == "4" and config.train.sample_every_steps and config.mode == "train"
+        and config.data.name == "spatial_scenes"):
+      sheets = samples_lib.SampleSheets(model, config, mesh, workdir, summary["data"],
+                                        tag=f"stage{stage}")
     state = fit(stage=f"stage{stage}", step_fn=steps.make_train_step(model, config, stage, tx),
                 state=state, state_sharding=state_sharding, batches=_batches(config, stage),
                 mesh=mesh, workdir=workdir, num_steps=optim.num_steps,
@@ -209,7 +230,9 @@ def run(config, workdir) -> dict:
                 log_every=config.train.log_every_steps,
                 checkpoint_every=config.train.checkpoint_every_steps,
                 keep_checkpoints=config.train.keep_checkpoints, writer=writer,
-                train=config.mode == "train")
+                train=config.mode == "train", resume_dir=config.resume,
+                periodic=sheets, periodic_every=config.train.sample_every_steps,
+                config_json=config_json)
     params, model_state, ema = state.params, state.model_state, state.ema_params
     stage_seconds[stage] = round(time.perf_counter() - start, 1)
     report = ({} if config.mode == "sample" else
@@ -231,6 +254,40 @@ def run(config, workdir) -> dict:
   out = {"train": "summary.json", "eval": "results.json", "sample": "samples.json"}
   (workdir / out[config.mode]).write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def _latest_stage_dir(run_dir, stages) -> Optional[pathlib.Path]:
+  """`<run_dir>/checkpoints/stage<s>` of the last of `stages` (in recipe order) saved there."""
+  for stage in reversed(steps.STAGES):
+    directory = pathlib.Path(run_dir) / "checkpoints" / f"stage{stage}"
+    if stage in stages and checkpointing.latest_step(directory) is not None:
+      return directory
+  return None
+
+
+def _initial_weights_dir(config, workdir, stages) -> Optional[pathlib.Path]:
+  """Where the run's starting weights come from (None: fresh initialisation).
+
+  `init_from` (weights only: a workdir, whose last saved stage is used, or one stage's
+  checkpoint directory) wins. Otherwise a run of later stages only (`--config.stages=4`)
+  starts from the last earlier stage saved in this workdir or in `resume`.
+  """
+  if config.init_from:
+    source = pathlib.Path(config.init_from)
+    if checkpointing.latest_step(source) is not None:
+      return source
+    found = _latest_stage_dir(source, steps.STAGES)
+    if found is None:
+      raise FileNotFoundError(
+          f"config.init_from={config.init_from}: no checkpoint there and no "
+          f"checkpoints/stage*/ under it (expected a workdir or a stage checkpoint dir)")
+    return found
+  earlier = steps.STAGES[:steps.STAGES.index(stages[0])] if stages else ()
+  for run_dir in filter(None, (workdir, config.resume)):
+    found = _latest_stage_dir(run_dir, earlier)
+    if found is not None:
+      return found
+  return None
 
 
 def _batches(config, stage: str):

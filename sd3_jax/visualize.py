@@ -44,3 +44,76 @@ def save_grid(path, images: np.ndarray, texts: Optional[Sequence[str]] = None, *
   path.parent.mkdir(parents=True, exist_ok=True)
   image_grid(images, texts, **kw).save(path)
   return path
+
+
+_OBJECT_COLOUR = (40, 90, 200)
+_ATTRIBUTE_COLOUR = (30, 140, 60)
+_RELATION_COLOUR = (200, 70, 30)
+
+
+def draw_scene_graph(graph, *, size: int = 320, title: Optional[str] = None) -> Image.Image:
+  """A `graphs.SceneGraph` as a picture: objects on a circle with their attributes under
+  them, concepts in the corner, one line per related pair with the relations labelled
+  near their subject's end (so "left of" by A reads "A left of B")."""
+  font = ImageFont.load_default()
+  top = 14 if title else 0
+  img = Image.new("RGB", (size, size + top), (255, 255, 255))
+  draw = ImageDraw.Draw(img)
+  if title:
+    draw.text((4, 1), title[:size // 6], fill=(0, 0, 0), font=font)
+  objects = [i for i, (t, _) in enumerate(graph.nodes) if t == "object"]
+  centre, radius = size / 2, size / 2 - 48
+  pos = {}
+  for k, i in enumerate(objects):
+    angle = 2 * np.pi * k / max(len(objects), 1) - np.pi / 2
+    pos[i] = (centre + radius * np.cos(angle), top + centre + radius * np.sin(angle))
+  attributes, concepts, subj, obj = {}, [], {}, {}
+  for src, dst, etype in graph.edges:
+    if etype == "attr-of":
+      attributes.setdefault(dst, []).append(graph.nodes[src][1])
+    elif etype == "part-of":
+      concepts.append(graph.nodes[dst][1])
+    elif etype == "subj":
+      subj.setdefault(dst, []).append(src)
+    elif etype == "obj":
+      obj.setdefault(src, []).append(dst)
+  labels = {}  # (subject, object) -> relation tags
+  for r, (ntype, tag) in enumerate(graph.nodes):
+    if ntype == "relation":
+      for s_ in subj.get(r, []):
+        for o in obj.get(r, []):
+          labels.setdefault((s_, o), []).append(tag)
+  for (s_, o), tags in labels.items():
+    (x0, y0), (x1, y1) = pos[s_], pos[o]
+    draw.line([(x0, y0), (x1, y1)], fill=(190, 190, 190), width=1)
+    text = ", ".join(tags)
+    lx, ly = x0 + 0.22 * (x1 - x0), y0 + 0.22 * (y1 - y0)
+    draw.text((lx - 2.5 * len(text), ly - 5), text, fill=_RELATION_COLOUR, font=font)
+  for i in objects:
+    x, y = pos[i]
+    draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=_OBJECT_COLOUR)
+    tag = graph.nodes[i][1]
+    draw.text((x - 3 * len(tag), y + 5), tag, fill=_OBJECT_COLOUR, font=font)
+    attrs = " ".join(attributes.get(i, []))
+    draw.text((x - 3 * len(attrs), y + 16), attrs, fill=_ATTRIBUTE_COLOUR, font=font)
+  if concepts:
+    draw.text((4, top + 2), "in: " + ", ".join(sorted(set(concepts))), fill=(120, 60, 150),
+              font=font)
+  return img
+
+
+def save_graph_grid(path, graphs: Sequence, titles: Optional[Sequence[str]] = None, *,
+                    columns: int = 4, size: int = 320) -> pathlib.Path:
+  """Draws scene graphs side by side (a title above each, e.g. the prompt) into one PNG."""
+  tiles = [draw_scene_graph(g, size=size, title=titles[i] if titles else None)
+           for i, g in enumerate(graphs)]
+  columns = max(1, min(columns, len(tiles)))
+  rows = -(-len(tiles) // columns)
+  w, h = tiles[0].size
+  grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+  for i, tile in enumerate(tiles):
+    grid.paste(tile, ((i % columns) * w, (i // columns) * h))
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  grid.save(path)
+  return path

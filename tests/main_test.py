@@ -30,6 +30,10 @@ def test_train_then_eval(tmp_path):
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "samples" / "st2i_final.png").stat().st_size > 0
   assert (tmp_path / "samples" / "si2t_final.png").stat().st_size > 0
+  # Periodic sheets (tiny: every 2 steps); singleton has no 3DSG to draw.
+  assert (tmp_path / "samples" / "stage4_step2_st2i.png").stat().st_size > 0
+  assert (tmp_path / "samples" / "stage4_step2_si2t.png").stat().st_size > 0
+  assert not (tmp_path / "samples" / "stage4_step2_3dsg.png").exists()
 
   again = _main(tmp_path, "--config.mode=eval")
   assert again.returncode == 0, again.stderr[-3000:]
@@ -38,12 +42,25 @@ def test_train_then_eval(tmp_path):
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["eval"]["num_samples"] == summary["eval"]["num_samples"]
 
+  # Fine-tune stage 4 in a new workdir, starting from this run's weights only.
+  tuned = _main(tmp_path / "tuned", "--config.stages=4", f"--config.init_from={tmp_path}",
+                f"--config.data.dir={tmp_path / 'data'}")
+  assert tuned.returncode == 0, tuned.stderr[-3000:]
+  assert f"weights from {tmp_path / 'checkpoints' / 'stage4'}" in tuned.stdout
+  assert "[stage4] step 3/3" in tuned.stdout and "resumed" not in tuned.stdout
+
 
 def test_config_typo_fails_at_once(tmp_path):
   run = _main(tmp_path, "--config.optim.lrr=0.1")
   assert run.returncode != 0
   assert "lrr" in run.stderr
   assert not (tmp_path / "data").exists()
+
+
+def test_init_from_without_checkpoints_fails_clearly(tmp_path):
+  run = _main(tmp_path / "run", f"--config.init_from={tmp_path / 'nothing'}")
+  assert run.returncode != 0
+  assert "config.init_from" in run.stderr and "nothing" in run.stderr
 
 
 def test_eval_mode_needs_a_trained_workdir(tmp_path):
