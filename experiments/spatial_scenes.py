@@ -111,6 +111,14 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=1.0,
       batch_size=64, split="test"))
+  # Local files for the paper's metrics (nothing is downloaded); unset -> that table cell is
+  # blank with the reason. FID/IS: the FID InceptionV3 .pth; CLIP score: a HF CLIP directory;
+  # METEOR / SPICE: directories with their jars (Java needed).
+  str_or_none = ml_collections.config_dict.placeholder(str)
+  config.eval.inception_weights = str_or_none
+  config.eval.clip_dir = str_or_none
+  config.eval.meteor_dir = str_or_none
+  config.eval.spice_dir = str_or_none
 
   config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   # Logical axis -> mesh axes. Activations shard on the batch; weights along fsdp/tensor.

@@ -183,6 +183,7 @@ def run(config, workdir) -> dict:
     raise ValueError(f"config.mode must be train, eval or sample, got {config.mode!r}")
   from sd3_jax.data import stage as data_stage
 
+  data_stage.check_local_inputs(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config.data.dir = data_stage.data_dir(config, workdir)

@@ -373,7 +373,8 @@ def vsd_config(version: str, cfg: Any) -> VsdConfig:
 class Vsd(tfds.core.GeneratorBasedBuilder):
   """VSD v1/v2 from a manual dir: one example per image, VSG + one TSG per caption."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Adds the annotated stand-in 3DSG (g3d) next to the VSG."}
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   # tfds looks for a checksums file beside the builder's code via `importlib_resources`
   # (not installed); these builders download nothing, so there is none to find.
@@ -396,11 +397,12 @@ class Vsd(tfds.core.GeneratorBasedBuilder):
         "vsg": tfds.features.Text(),
     }
     size = packed_graph_size(c.max_nodes, c.max_edges)
-    features["graphs"] = tfds.features.Tensor(shape=(size,), dtype=np.int32)  # the VSG
+    # The stand-in 3DSG (annotated predicates) and the VSG, packed.
+    features["graphs"] = tfds.features.Tensor(shape=(2 * size,), dtype=np.int32)
     # One packed TSG per caption: [num_captions, size].
     features["caption_graphs"] = tfds.features.Tensor(shape=(None, size), dtype=np.int32)
     return tfds.core.DatasetInfo(
-        builder=self, description=f"VSD{c.vsd_version}: image, captions, VSG, TSGs.",
+        builder=self, description=f"VSD{c.vsd_version}: image, captions, annotated 3DSG, VSG, TSGs.",
         features=tfds.features.FeaturesDict(features), disable_shuffling=True,
         metadata=tfds.core.MetadataDict())
 
@@ -415,24 +417,27 @@ class Vsd(tfds.core.GeneratorBasedBuilder):
     else:
       train_graphs = []
       for r in records["train"]:
-        vsg, tsgs = self._graphs(r)
-        train_graphs += [vsg] + tsgs
+        g3d, vsg, tsgs = self._graphs(r)
+        train_graphs += [g3d, vsg] + tsgs
       vocab = graphs.GraphVocab.build(train_graphs)
       vocab_path.parent.mkdir(parents=True, exist_ok=True)
       vocab.save(str(vocab_path))
     self.info.metadata["graph_vocab"] = str(vocab_path)
     self.info.metadata["graph_vocab_size"] = len(vocab)
-    self.info.metadata["graph_prefixes"] = ["vsg"]
+    self.info.metadata["graph_prefixes"] = ["g3d", "vsg"]
     self.info.metadata["caption_graph_prefixes"] = ["tsg"]
     return {s: self._generate_examples(root, s, records[s], vocab) for s in SPLITS}
 
   @staticmethod
-  def _graphs(record) -> tuple[graphs.SceneGraph, list[graphs.SceneGraph]]:
+  def _graphs(record) -> tuple[graphs.SceneGraph, graphs.SceneGraph, list[graphs.SceneGraph]]:
+    """(stand-in 3DSG from the annotation, VSG, one TSG per caption)."""
+    g3d = _parse_graph(vsd.annotated_3dsg(record.triples), file=None, record=None,
+                       field="g3d")
     vsg = _parse_graph(vsd.vsg_from_triples(record.triples), file=None, record=None,
                        field="vsg")
     tsgs = [_parse_graph(vsd.tsg_from_caption(c, record.triples), file=None, record=None,
                          field="tsg") for c in record.captions]
-    return vsg, tsgs
+    return g3d, vsg, tsgs
 
   def _generate_examples(self, root: pathlib.Path, split: str, records: list,
                          vocab: graphs.GraphVocab) -> Iterator[tuple[int, dict]]:
@@ -444,13 +449,13 @@ class Vsd(tfds.core.GeneratorBasedBuilder):
       image_path = vsd.resolve_image_path(r.img_id, root / "images" / "vg",
                                           root / "images" / "spatialsense",
                                           file=file, record=i)
-      vsg, tsgs = self._graphs(r)
+      g3d, vsg, tsgs = self._graphs(r)
       pad = lambda g, field: graphs.pad_graph(  # pylint: disable=cell-var-from-loop
           g, vocab, c.max_nodes, c.max_edges, overflow=c.graph_overflow, stats=stats,
           file=file, record=i, field=field)
       example = {"image": str(image_path), "img_id": r.img_id, "captions": list(r.captions),
                  "triples": _triples_json(r.triples), "vsg": json.dumps(vsg.to_json())}
-      example["graphs"] = pack_graphs([pad(vsg, "vsg")])
+      example["graphs"] = pack_graphs([pad(g3d, "g3d"), pad(vsg, "vsg")])
       example["caption_graphs"] = np.stack(
           [pack_graphs([pad(g, f"tsg[{j}]")]) for j, g in enumerate(tsgs)])
       counts.append(len(r.captions))
@@ -466,15 +471,31 @@ def vsd_builder(data_dir: PathLike, version: str, cfg: Any) -> Vsd:
              file_format="array_record")
 
 
+def vsd_tokenizer_dir(data_dir: PathLike, version: str) -> pathlib.Path:
+  """Where `prepare_vsd` trains VSD `version`'s tokenizer when `data.tokenizer` is unset."""
+  return pathlib.Path(data_dir) / f"vsd_{version}_{TOKENIZER_DIR}"
+
+
 def prepare_vsd(data_dir: PathLike, vsd_root: PathLike, version: str, cfg: Any) -> dict:
-  """Prepares VSD `version` from `vsd_root` (the manual dir) as array_record."""
+  """Prepares VSD `version` from `vsd_root` (the manual dir) as array_record, and its
+  tokenizer: `data.tokenizer` (a local directory, e.g. CLIP's) when set, else one trained on
+  the training captions with `data.text_vocab_size`."""
   builder = vsd_builder(data_dir, version, cfg)
   builder.download_and_prepare(
       file_format="array_record",
       download_config=tfds.download.DownloadConfig(manual_dir=str(vsd_root)))
   info = builder.info
+  tok_dir = _get(cfg, "tokenizer")
+  if tok_dir:
+    tok = tokenizer_lib.load_tokenizer(tok_dir)
+  else:
+    tok_dir = vsd_tokenizer_dir(data_dir, version)
+    train = vsd.load_records(str(vsd.vsd_split_file(str(vsd_root), version, "train")))
+    tok = _ensure_tokenizer(tok_dir, [c for r in train for c in r.captions],
+                            int(_get(cfg, "text_vocab_size")), int(_get(cfg, "max_text_len")))
   return {"dataset": f"vsd_{version}", "config": builder.builder_config.name,
-          "tfds_dir": str(builder.data_path),
+          "tfds_dir": str(builder.data_path), "tokenizer": str(tok_dir),
+          "text": tokenizer_lib.tokenizer_info(tok),
           "graph_vocab": info.metadata["graph_vocab"],
           "graph_vocab_size": info.metadata["graph_vocab_size"],
           "splits": {s: {"num_images": info.splits[s].num_examples,

@@ -82,9 +82,9 @@ def _resolve(config_like: Any, process_count: int, data_dir: Optional[str]) -> _
     raise DataError(f"expected one of {CAPTION_STYLES}, got {style!r}",
                     field="data.caption_style")
   tok = _get(cfg, "tokenizer")
-  if tok is None:
-    if name != "spatial_scenes":
-      raise DataError("no tokenizer directory for this dataset", field="data.tokenizer")
+  if tok is None and name in ("vsd_v1", "vsd_v2"):
+    tok = builders.vsd_tokenizer_dir(data_dir, name[-2:])
+  elif tok is None:
     config = builders.spatial_scenes_config(cfg)
     tok = pathlib.Path(data_dir) / builders.raw_dir_name(config) / builders.TOKENIZER_DIR
   return _Spec(name=name, data_dir=pathlib.Path(data_dir),

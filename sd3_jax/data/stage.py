@@ -25,6 +25,41 @@ def prepare(config) -> dict:
   raise ValueError(f"unknown dataset {data.name!r} (config key data.name)")
 
 
+# Optional local files a config may name: (config key, what it is).
+_LOCAL_PATHS = (("data.tokenizer", "a tokenizer directory (tokenizer.json or CLIP vocab/merges)"),
+                ("eval.inception_weights", "the FID InceptionV3 weights file (pt_inception-*.pth)"),
+                ("eval.clip_dir", "a CLIP model directory (config.json + model.safetensors)"))
+
+
+def check_local_inputs(config) -> None:
+  """Fails at once, naming every missing local input and its config key, before any work:
+  nothing can be downloaded, so a paper-scale config needs its files in place."""
+  missing = []
+  if config.data.name in ("vsd_v1", "vsd_v2"):
+    version = config.data.name[-2:]
+    root = config.data.get("vsd_root")
+    if not root:
+      missing.append("data.vsd_root is not set: the VSD directory with "
+                     f"{vsd.vsd_split_file('<root>', version, 'train').relative_to('<root>')} "
+                     "(and val, test) and images/vg/, images/spatialsense/")
+    else:
+      for split in ("train", "val", "test"):
+        path = vsd.vsd_split_file(root, version, split)
+        if not path.is_file():
+          missing.append(f"{path} (VSD {version} {split} annotations; data.vsd_root={root})")
+      if not any((pathlib.Path(root) / "images" / d).is_dir() for d in ("vg", "spatialsense")):
+        missing.append(f"{pathlib.Path(root) / 'images'}/vg or /spatialsense (VSD images; "
+                       f"data.vsd_root={root})")
+  for key, what in _LOCAL_PATHS:
+    section, name = key.split(".")
+    value = config[section].get(name)
+    if value and not pathlib.Path(value).exists():
+      missing.append(f"{value} ({key}: {what})")
+  if missing:
+    raise FileNotFoundError("missing local inputs (nothing is downloaded):\n  - "
+                            + "\n  - ".join(missing))
+
+
 def run(config, mesh) -> dict:
   """Prepares the data, then reads `data.check_batches` global batches onto `mesh`."""
   start = time.perf_counter()

@@ -538,14 +538,8 @@ def relation_2d(s_box: Sequence[int], o_box: Sequence[int],
   return "to the left of" if dx < 0 else "to the right of"
 
 
-def vsg_from_triples(triples: Sequence[Triple],
-                     image_size: Optional[tuple[int, int]] = None) -> Graph:
-  """A view-only visual scene graph from annotated boxes.
-
-  Object nodes are the distinct (phrase, box) pairs; each distinct annotated pair gets a
-  relation node whose predicate comes from the boxes alone (`relation_2d`), not from the
-  annotation. No concept node: 2D graphs have none.
-  """
+def _pair_graph(triples: Sequence[Triple], predicate) -> Graph:
+  """Object nodes for the distinct (phrase, box) pairs, one relation per distinct pair."""
   g, objects, pairs = _GraphBuilder(), {}, set()
 
   def obj(phrase, box):
@@ -558,8 +552,26 @@ def vsg_from_triples(triples: Sequence[Triple],
     si, oi = obj(t.s, t.s_box), obj(t.o, t.o_box)
     if (si, oi) not in pairs:
       pairs.add((si, oi))
-      g.relation(si, relation_2d(t.s_box, t.o_box, image_size), oi)
+      g.relation(si, predicate(t), oi)
   return g.graph()
+
+
+def vsg_from_triples(triples: Sequence[Triple],
+                     image_size: Optional[tuple[int, int]] = None) -> Graph:
+  """A view-only visual scene graph from annotated boxes.
+
+  Object nodes are the distinct (phrase, box) pairs; each distinct annotated pair gets a
+  relation node whose predicate comes from the boxes alone (`relation_2d`), not from the
+  annotation. No concept node: 2D graphs have none.
+  """
+  return _pair_graph(triples, lambda t: relation_2d(t.s_box, t.o_box, image_size))
+
+
+def annotated_3dsg(triples: Sequence[Triple]) -> Graph:
+  """VSD's stand-in for the gold 3DSG it lacks: the annotated objects related by the
+  annotators' own predicates, which were judged in 3D ("in front of", "behind") where the
+  VSG only sees 2D boxes. The graph-supervised terms (DGAE, L_I23D, L_T23D) train on it."""
+  return _pair_graph(triples, lambda t: t.p)
 
 
 def tsg_from_caption(caption: str, triples: Sequence[Triple]) -> Graph:

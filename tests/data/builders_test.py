@@ -132,6 +132,7 @@ def test_vsd_builder_on_the_fixture(tmp_path, testdata):
   info = builders.prepare_vsd(tmp_path, root, "v1", cfg)
   builder = builders.vsd_builder(tmp_path, "v1", cfg)
   size = builders.packed_graph_size(24, 32)
+  vocab = graphs.GraphVocab.load(info["graph_vocab"])
   for split in builders.SPLITS:
     records = vsd.load_records(vsd.vsd_split_file(root, "v1", split))
     source = builder.as_data_source(split)
@@ -140,6 +141,17 @@ def test_vsd_builder_on_the_fixture(tmp_path, testdata):
     for i, r in enumerate(records):
       ex = source[i]
       assert ex["img_id"].decode() == r.img_id
-      assert ex["graphs"].shape == (size,)
+      assert ex["graphs"].shape == (2 * size,)
       assert ex["caption_graphs"].shape == (len(r.captions), size)
+      unpacked = builders.unpack_graphs(ex["graphs"], ["g3d", "vsg"], 24, 32)
+      g3d = graphs.unpad_graph({k[4:]: v for k, v in unpacked.items() if k.startswith("g3d_")},
+                               vocab)
+      # The stand-in 3DSG carries the annotators' (3D) predicates (the vocabulary is the
+      # training split's: other splits' unseen object words read <unk>).
+      want = {(t.s, t.p, t.o) for t in r.triples}
+      if split != "train":
+        known = {tag for kind, tag in vocab.tags if kind == "object"}
+        want = {(s_ if s_ in known else "<unk>", p_, o if o in known else "<unk>")
+                for s_, p_, o in want}
+      assert sorted(g3d.triples()) == sorted(want)
       assert ex["image"].ndim == 3 and ex["image"].shape[-1] == 3
