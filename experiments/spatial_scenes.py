@@ -119,6 +119,11 @@ def get_config(arg=None):
   config.eval.clip_dir = str_or_none
   config.eval.meteor_dir = str_or_none
   config.eval.spice_dir = str_or_none
+  config.eval.java_scorers = True  # METEOR/SPICE start a JVM (~20 s); False: blank cells
+  config.eval.is_splits = 10  # Inception Score splits
+  # Finished workdirs (comma-separated) whose rows join this run's `table.md`, e.g. the other
+  # variants: `--config.mode=eval --config.eval.compare_with=/runs/singleton,/runs/sd3`.
+  config.eval.compare_with = str_or_none
 
   config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   # Logical axis -> mesh axes. Activations shard on the batch; weights along fsdp/tensor.

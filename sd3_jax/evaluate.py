@@ -1,14 +1,19 @@
-"""Spatial evaluation on spatial-scenes: generate both directions, score them exactly.
+"""Evaluation on spatial-scenes: per-stage held-out figures and the final Table-2 metrics.
 
-ST2I: the verifier reads the generated image and checks every relation the prompt states.
-SI2T: the caption parser reads the generated caption and checks its relations against the
-gold 3DSG. 3DSG: TriRec of the generated graph against the gold 3DSG. Sampling is batched
-and sharded, with the EMA parameters; PNG grids of both directions go to the workdir.
+`spatial_eval` generates both directions with the EMA parameters (batched, sharded) and
+scores them: the paper's Table-2 columns (FID, IS, CLIP; BLEU-4, SPICE) plus CIDEr, METEOR,
+TriRec and the exact spatial accuracies that the procedural scenes allow (the verifier reads
+generated images, the caption parser reads generated captions, both against the gold 3DSG),
+and node/edge accuracy and TriRec of the generated 3DSGs. Metrics that need files or tools
+that are not present are None, with the reason in `result["unavailable"]`. PNG grids of both
+directions go to the workdir.
 """
+import functools
 import pathlib
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sd3_jax import generate
@@ -20,12 +25,18 @@ from sd3_jax.data import builders
 from sd3_jax.data import graphs as graphs_lib
 from sd3_jax.data import pipeline
 from sd3_jax.data import scene_captions
+from sd3_jax.data import scenes
+from sd3_jax.data import schema
 from sd3_jax.data import tokenizer as tokenizer_lib
 from sd3_jax.data import verifier
 from sd3_jax.data import vsd
 from sd3_jax.models import dgae as dgae_lib
 from sd3_jax.models import encoders
 from sd3_jax.models import sd3 as sd3_lib
+from sd3_jax.scores import captions as caps_lib
+from sd3_jax.scores import clip_score as clip_lib
+from sd3_jax.scores import image as image_scores
+from sd3_jax.scores import inception
 
 
 def _raw_dir(config) -> pathlib.Path:
@@ -173,58 +184,320 @@ def make_generators(model, config, mesh):
   return st2i, si2t, graph
 
 
+# --- The final evaluation: Table-2 metrics plus the exact spatial ones ------------------------
+
+FID_MISSING = "no FID weights (set eval.inception_weights)"
+CLIP_MISSING = "no CLIP model (set eval.clip_dir to a local HF CLIP directory)"
+
+
+def canonical_triple(triple: tuple[str, str, str]) -> tuple[str, str, str]:
+  """One spelling per relation: "b right of a" and "a left of b" both become the smaller
+  of the triple and its converse, so recall does not depend on which way it is said."""
+  s, p, o = triple
+  # Only involutive pairs: "above" -> "under" -> "on" is not one relation.
+  if scenes.CONVERSE.get(scenes.CONVERSE.get(p)) != p:
+    return triple
+  return min(triple, (o, scenes.CONVERSE[p], s))
+
+
+def gold_relations(graph: dict) -> list[tuple[str, str, str]]:
+  """The relation triples of a gold spatial-scenes 3DSG, objects named by colour, canonical.
+
+  The 3DSG lists every relation that holds once per object pair (`scenes.scene_3dsg`), so
+  these are all the scene's true 3D relations, stated or not by any caption.
+  """
+  rels, _ = verifier.gold_from_graph(graph)  # closed under converses: dedupe below
+  return sorted({canonical_triple(t) for t in rels})
+
+
+def caption_relations(text: str) -> list[tuple[str, str, str]]:
+  """The caption parser's triples of a (generated) caption, by colour, canonical."""
+  out = []
+  for s, p, o in scene_captions.parse_caption(text):
+    out.append(canonical_triple((scene_captions.parse_desc(s).colour, p,
+                                 scene_captions.parse_desc(o).colour)))
+  return out
+
+
+def caption_metrics(hyps: Sequence[str], refs: Sequence[Sequence[str]],
+                    golds: Sequence[Sequence[tuple[str, str, str]]], *,
+                    meteor_dir: Optional[str] = None,
+                    spice_dir: Optional[str] = None,
+                    java_scorers: bool = True) -> tuple[dict, dict]:
+  """SI2T text metrics of generated captions: (values, {metric: reason unavailable}).
+
+  BLEU-4 and CIDEr(-D) against all reference captions of each example (the COCO evaluator's
+  protocol), METEOR and SPICE through pycocoevalcap's jars when Java and their files are
+  present, and TriRec: the fraction of each example's gold relation triples (`golds`, e.g.
+  `gold_relations` of the 3DSG) that the caption parser finds in the generated caption.
+  """
+  ids = range(len(hyps))
+  h = {i: [hyps[i]] for i in ids}
+  r = {i: list(refs[i]) for i in ids}
+  values = {"si2t/bleu4": caps_lib.bleu(r, h)[3], "si2t/cider": caps_lib.cider(r, h)}
+  unavailable = {}
+  for name, status, scorer, kw in (
+      ("meteor", caps_lib.meteor_status, caps_lib.meteor, {"meteor_dir": meteor_dir}),
+      ("spice", caps_lib.spice_status, caps_lib.spice, {"spice_dir": spice_dir})):
+    key = f"si2t/{name}"
+    reason = status(**kw) if java_scorers else "skipped (eval.java_scorers=False)"
+    if reason is None:
+      try:
+        values[key] = scorer(r, h, **kw)
+      except caps_lib.ScorerUnavailable as e:
+        reason = str(e)
+    if reason is not None:
+      values[key], unavailable[key] = None, reason
+  if sum(map(len, golds)):
+    values["si2t/trirec"] = caps_lib.caption_triplet_recall(hyps, golds, caption_relations)
+  else:
+    values["si2t/trirec"], unavailable["si2t/trirec"] = None, "no gold relations"
+  return values, unavailable
+
+
+_node_edge_accuracy = jax.jit(graphs_lib.node_edge_accuracy)
+
+
+def graph_counts(pred_padded: dict, gold_padded: dict,
+                 vocab: graphs_lib.GraphVocab) -> dict[str, tuple[int, int]]:
+  """(correct, total) counts of generated 3DSGs against gold, both padded [B, ...].
+
+  node: tag (hence type) accuracy on the gold real nodes, slot by slot (the graph chain
+  generates the gold's DGAE slots); edge: typed-edge accuracy on the gold edges, same
+  slots; trirec: (subject, relation, object) tag triples of the gold found in the
+  generated graph, alignment-free (`graphs.triple_recall`).
+  """
+  counts = jax.device_get(_node_edge_accuracy(pred_padded, gold_padded))
+  out = {"node": tuple(int(x) for x in counts["node_tag"]),
+         "edge": tuple(int(x) for x in counts["edge_pos"])}
+  hits = total = 0
+  for b in range(len(gold_padded["node_mask"])):
+    pred = graphs_lib.unpad_graph({k: v[b] for k, v in pred_padded.items()}, vocab)
+    gold = graphs_lib.unpad_graph({k: v[b] for k, v in gold_padded.items()}, vocab)
+    h, t = graphs_lib.triple_recall(pred, gold)
+    hits, total = hits + h, total + t
+  out["trirec"] = (hits, total)
+  return out
+
+
+def inception_fn(mesh) -> Callable:
+  """Jitted, batch-sharded (variables, uint8 images [B, H, W, 3]) -> (pool3, logits)."""
+  def apply(variables, images):
+    return inception.FIDInceptionV3().apply(variables, images.astype(jnp.float32) / 255.0)
+
+  return jax.jit(apply, in_shardings=(sharding_lib.replicated(mesh),
+                                      sharding_lib.batch_sharding(mesh)),
+                 out_shardings=sharding_lib.replicated(mesh))
+
+
+def image_metrics(real_features: np.ndarray, gen_features: np.ndarray,
+                  gen_logits: np.ndarray, is_splits: int) -> dict[str, float]:
+  """FID (real vs generated pool3 features) and Inception Score (mean, std over splits)."""
+  is_mean, is_std = image_scores.inception_score(gen_logits, min(is_splits, len(gen_logits)))
+  return {"st2i/fid": image_scores.fid_from_features(real_features, gen_features),
+          "st2i/is": is_mean, "st2i/is_std": is_std}
+
+
+class HFClip:
+  """A CLIP from a local HF directory (weights, config and tokenizer files) for CLIPScore."""
+
+  def __init__(self, clip_dir):
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    self.model, variables = clip_lib.load_clip(clip_dir)
+    try:
+      self.tokenizer = transformers.CLIPTokenizerFast.from_pretrained(str(clip_dir))
+    except (OSError, ValueError, TypeError) as e:
+      raise schema.DataError(f"no usable CLIP tokenizer files (vocab.json, merges.txt): {e}",
+                             file=str(clip_dir), field="eval.clip_dir") from e
+    self.max_len = self.model.text_config["max_position_embeddings"]
+    size = self.model.vision_config["image_size"]
+    self._apply = jax.jit(lambda ids, mask, images: self.model.apply(
+        variables, ids, mask,
+        clip_lib.clip_preprocess(images.astype(jnp.float32) / 255.0, size)))
+
+  def embed(self, prompts: Sequence[str], images: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(image embeddings, text embeddings) of uint8 images [B, H, W, 3] and B prompts."""
+    tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                         max_length=self.max_len, return_tensors="np")
+    return self._apply(tok["input_ids"], tok["attention_mask"], images)
+
+
+class _ImageScorers:
+  """Per-batch CLIP embeddings and Inception features of generated and real images."""
+
+  def __init__(self, model, config, mesh):
+    ev = config.eval
+    self.unavailable = {}
+    self.project = jax.jit(lambda p, ids, mask, gen, real: (
+        model.text_condition(p, ids, mask)[1], model.image_condition(p, gen)[1],
+        model.image_condition(p, real)[1]))
+    self.emb = {"text": [], "gen": [], "real": [], "hf_text": [], "hf_gen": []}
+    self.feats = {"real": [], "gen": [], "logits": []}
+    self.inception_vars = None
+    if ev.inception_weights:
+      self.inception_vars = inception.load_fid_weights(ev.inception_weights)
+      self.inception = inception_fn(mesh)
+    else:
+      self.unavailable.update(dict.fromkeys(("st2i/fid", "st2i/is", "st2i/is_std"),
+                                            FID_MISSING))
+    self.clip = HFClip(ev.clip_dir) if ev.clip_dir else None
+    if self.clip is None:
+      self.unavailable["st2i/clip_score"] = CLIP_MISSING
+
+  def update(self, params, batch, gen_images, gen_uint8, real_uint8, prompts, rows):
+    """All arguments cover the whole batch (fixed shapes: one compile); `rows` are kept."""
+    t, g, r = self.project(params, batch["text_ids"], batch["text_mask"], gen_images,
+                           batch["image"])
+    for name, x in (("text", t), ("gen", g), ("real", r)):
+      self.emb[name].append(np.asarray(x)[rows])
+    if self.inception_vars is not None:
+      for name, images in (("real", real_uint8), ("gen", gen_uint8)):
+        feats, logits = self.inception(self.inception_vars, images)
+        self.feats[name].append(np.asarray(feats)[rows])
+        if name == "gen":
+          self.feats["logits"].append(np.asarray(logits)[rows])
+    if self.clip is not None:
+      image_emb, text_emb = self.clip.embed(prompts, gen_uint8)
+      self.emb["hf_gen"].append(np.asarray(image_emb)[rows])
+      self.emb["hf_text"].append(np.asarray(text_emb)[rows])
+
+  def result(self, is_splits: int) -> dict:
+    cat = {k: np.concatenate(v) for k, v in self.emb.items() if v}
+    out = {"st2i/clip_score_project": clip_lib.clip_score_metric(
+               cat["gen"], cat["text"], project_encoders=True)["clip_score_project_encoders"],
+           "st2i/clip_score_project_real": clip_lib.clip_score_metric(
+               cat["real"], cat["text"], project_encoders=True)["clip_score_project_encoders"]}
+    out.update(dict.fromkeys(self.unavailable))
+    if self.clip is not None:
+      out.update({"st2i/" + k: v for k, v in clip_lib.clip_score_metric(
+          cat["hf_gen"], cat["hf_text"]).items()})
+    if self.inception_vars is not None:
+      feats = {k: np.concatenate(v) for k, v in self.feats.items()}
+      try:
+        out.update(image_metrics(feats["real"], feats["gen"], feats["logits"], is_splits))
+      except (ValueError, schema.DataError) as e:  # e.g. too few samples for a covariance
+        reason = f"FID/IS failed on {len(feats['gen'])} samples: {e}"
+        for k in ("st2i/fid", "st2i/is", "st2i/is_std"):
+          out[k], self.unavailable[k] = None, reason
+    return out
+
+
 def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
                  tag: str = "final") -> dict[str, Any]:
-  """Generates `eval.num_samples` test examples both ways; returns the spatial metrics."""
+  """Generates `eval.num_samples` test examples both ways; returns every Table-2 metric.
+
+  ST2I (text -> image), prompt = the example's first caption:
+    st2i/spatial_acc, st2i/per_predicate: the verifier checks each relation the prompt
+      states in the generated image.
+    st2i/trirec: the fraction of the gold 3DSG's relation triples (all true relations of
+      the scene, stated or not) that the verifier finds in the generated image;
+      st2i/trirec_real is the same on the real test image (the verifier's ceiling).
+    st2i/fid, st2i/is (+ is_std): FID Inception, real test images vs generated
+      (`eval.inception_weights`); st2i/clip_score: HF CLIP from `eval.clip_dir`;
+      st2i/clip_score_project(_real): CLIPScore ×100 under this model's own stage-0
+      encoders (not comparable with the paper's CLIP column).
+  SI2T (image -> text):
+    si2t/bleu4, si2t/cider, si2t/meteor, si2t/spice vs all reference captions;
+    si2t/spatial_acc, si2t/per_predicate: parsed relations of the caption that hold in the
+      gold 3DSG (objects matched by colour, size and shape);
+    si2t/trirec: gold-3DSG relation triples (by colour) the caption parser finds.
+  3DSG (variants with the graph): graph/{node_acc,edge_acc,trirec}_from_{tsg,vsg}, the
+    3DSG generated inside ST2I (from the TSG) and SI2T (from the VSG) vs the gold 3DSG
+    (see `graph_counts`).
+  A metric that cannot be computed is None, with its reason in result["unavailable"].
+  """
+  ev = config.eval
   tok = tokenizer_lib.load_tokenizer(_raw_dir(config) / builders.TOKENIZER_DIR)
   vocab = graphs_lib.GraphVocab.load(_raw_dir(config) / builders.GRAPH_VOCAB_FILE)
   st2i, si2t, graph = make_generators(model, config, mesh)
+  predict = jax.jit(functools.partial(dgae_lib.predict_padded, type_mask=vocab.type_mask()))
   flags = steps.variant_flags(config.variant)
+  scorers = _ImageScorers(model, config, mesh)
 
-  image_hits, caption_hits, prompts, captions, triples_all = [], [], [], [], []
-  images_all, real_all, graph_hits, graph_total = [], [], 0, 0
+  image_hits, caption_hits, prompt_triples, caption_triples = [], [], [], []
+  trirec = {"gen": [0, 0], "real": [0, 0]}
+  graph_totals = {f"{k}_from_{p}": [0, 0] for p in ("tsg", "vsg")
+                  for k in ("node", "edge", "trirec")}
+  prompts, captions, refs_all, golds_all, images_all, real_all = [], [], [], [], [], []
   seen = 0
-  for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, config.eval.split,
-                                                       config.eval.num_samples)):
-    valid = np.asarray(host["valid"])
+  for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, ev.split,
+                                                       ev.num_samples)):
+    rows = np.flatnonzero(np.asarray(host["valid"]))[:ev.num_samples - seen]
+    recs = recs[:len(rows)]
+    refs = [list(x) for x in host["references"]]  # all rows: the CLIP batch keeps its shape
     key = jax.random.fold_in(rng, i)
-    gen_i = jax.device_get(st2i(params, model_state, batch, key))
+    gen_i = st2i(params, model_state, batch, key)
     gen_y = jax.device_get(si2t(params, model_state, batch, jax.random.fold_in(key, 1)))
-    prompt = [r.captions[0] for r in recs]
-    triples = [scene_captions.parse_caption(p) for p in prompt]
-    images = visualize.to_uint8(gen_i["images"])[valid]
-    image_hits += verifier.verify_images(images, triples)
-    text = tokenizer_lib.decode_batch(tok, gen_y["text_ids"][valid],
-                                      gen_y["text_mask"][valid])
-    caption_hits += verifier.verify_captions(text, [r.scene_3dsg for r in recs])
-    if flags["graph"]:
-      logits = graph(params, gen_i["graph_codes"])
-      for g, r in zip(dgae_lib.decode_to_graphs(jax.tree.map(lambda x: x[valid], logits),
-                                                vocab), recs):
-        gold = graphs_lib.SceneGraph.from_json(r.scene_3dsg)
-        hits, total = graphs_lib.triple_recall(g, gold)
-        graph_hits, graph_total = graph_hits + hits, graph_total + total
-    prompts += prompt
-    captions += text
-    triples_all += triples
-    images_all.append(images)
-    real_all.append(visualize.to_uint8(np.asarray(host["image"])[valid]))
-    seen += int(valid.sum())
+    gen_uint8 = visualize.to_uint8(np.asarray(gen_i["images"]))
+    real_uint8 = visualize.to_uint8(np.asarray(host["image"]))
+    scorers.update(params, batch, gen_i["images"], gen_uint8, real_uint8,
+                   [r[0] for r in refs], rows)
 
-  n = min(seen, config.eval.num_samples)
+    golds = [r.scene_3dsg for r in recs]
+    gold_rel = [gold_relations(g) for g in golds]
+    for j, rels in zip(rows, gold_rel):
+      triples = scene_captions.parse_caption(refs[j][0])
+      for name, image in (("gen", gen_uint8[j]), ("real", real_uint8[j])):
+        geoms = verifier.estimate_geoms(image)
+        if name == "gen":
+          image_hits.append([verifier.relation_holds(geoms, *t) for t in triples])
+          prompt_triples.append(triples)
+        trirec[name][0] += sum(verifier.relation_holds(geoms, *t) for t in rels)
+        trirec[name][1] += len(rels)
+
+    text = tokenizer_lib.decode_batch(tok, gen_y["text_ids"][rows], gen_y["text_mask"][rows])
+    caption_hits += verifier.verify_captions(text, golds)
+    caption_triples += [scene_captions.parse_caption(t) for t in text]
+    if flags["graph"]:
+      gold_padded = {k: np.asarray(v)[rows] for k, v in sd3_lib.graph_of(host, "g3d").items()}
+      for prefix, out in (("tsg", gen_i), ("vsg", gen_y)):
+        pred = jax.device_get(predict(graph(params, out["graph_codes"])))
+        pred = {k: np.asarray(v)[rows] for k, v in pred.items()}
+        for k, (c, t) in graph_counts(pred, gold_padded, vocab).items():
+          graph_totals[f"{k}_from_{prefix}"][0] += c
+          graph_totals[f"{k}_from_{prefix}"][1] += t
+
+    prompts += [refs[j][0] for j in rows]
+    captions += text
+    refs_all += [refs[j] for j in rows]
+    golds_all += gold_rel
+    images_all.append(gen_uint8[rows])
+    real_all.append(real_uint8[rows])
+    seen += len(rows)
+
   out_dir = pathlib.Path(workdir) / "samples"
-  images_all = np.concatenate(images_all)[:n]
-  real_all = np.concatenate(real_all)[:n]
-  visualize.save_grid(out_dir / f"st2i_{tag}.png", images_all[:32], prompts[:32])
-  visualize.save_grid(out_dir / f"si2t_{tag}.png", real_all[:32], captions[:32])
+  visualize.save_grid(out_dir / f"st2i_{tag}.png", np.concatenate(images_all)[:32],
+                      prompts[:32])
+  visualize.save_grid(out_dir / f"si2t_{tag}.png", np.concatenate(real_all)[:32],
+                      captions[:32])
   result = {
-      "num_samples": n,
-      "st2i/spatial_acc": verifier.spatial_accuracy(image_hits[:n]),
-      "si2t/spatial_acc": verifier.spatial_accuracy(caption_hits[:n]),
-      "st2i/per_predicate": verifier.per_predicate_accuracy(image_hits[:n], triples_all[:n]),
+      "num_samples": seen,
+      "st2i/spatial_acc": verifier.spatial_accuracy(image_hits),
+      "si2t/spatial_acc": verifier.spatial_accuracy(caption_hits),
+      "st2i/per_predicate": verifier.per_predicate_accuracy(image_hits, prompt_triples),
+      "si2t/per_predicate": verifier.per_predicate_accuracy(caption_hits, caption_triples),
+      "st2i/trirec": trirec["gen"][0] / max(trirec["gen"][1], 1),
+      "st2i/trirec_real": trirec["real"][0] / max(trirec["real"][1], 1),
   }
-  if flags["graph"]:
-    result["graph/trirec_from_tsg"] = graph_hits / max(graph_total, 1)
-  metrics_lib.say(f"[eval:{tag}] ST2I spatial acc {result['st2i/spatial_acc']:.3f} | "
-                  f"SI2T spatial acc {result['si2t/spatial_acc']:.3f} | samples in {out_dir}")
+  result.update(scorers.result(ev.is_splits))
+  unavailable = dict(scorers.unavailable)
+  text_values, text_unavailable = caption_metrics(
+      captions, refs_all, golds_all, meteor_dir=ev.meteor_dir, spice_dir=ev.spice_dir,
+      java_scorers=ev.java_scorers)
+  result.update(text_values)
+  unavailable.update(text_unavailable)
+  for name, (c, t) in graph_totals.items():
+    kind, _, prefix = name.partition("_from_")
+    key = f"graph/{kind if kind == 'trirec' else kind + '_acc'}_from_{prefix}"
+    result[key] = c / max(t, 1) if flags["graph"] else None
+    if not flags["graph"]:
+      unavailable[key] = f"variant {config.variant} has no 3DSG"
+  result["unavailable"] = unavailable
+  metrics_lib.say(f"[eval:{tag}] " + " | ".join(
+      f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
+  if unavailable:
+    metrics_lib.say(f"[eval:{tag}] unavailable: " + "; ".join(
+        f"{k}: {v}" for k, v in unavailable.items()))
+  metrics_lib.say(f"[eval:{tag}] samples in {out_dir}")
   return result

@@ -20,6 +20,7 @@ import ml_collections
 from sd3_jax import checkpointing
 from sd3_jax import evaluate
 from sd3_jax import metrics as metrics_lib
+from sd3_jax import report
 from sd3_jax import samples as samples_lib
 from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
@@ -236,11 +237,11 @@ def run(config, workdir) -> dict:
                 config_json=config_json)
     params, model_state, ema = state.params, state.model_state, state.ema_params
     stage_seconds[stage] = round(time.perf_counter() - start, 1)
-    report = ({} if config.mode == "sample" else
-              evaluate.stage_metrics(stage, model, config, ema, model_state, mesh))
-    if report:
-      summary[f"stage{stage}"] = report
-      writer.write(optim.num_steps, {f"eval/{k}": v for k, v in report.items()},
+    held_out = ({} if config.mode == "sample" else
+                evaluate.stage_metrics(stage, model, config, ema, model_state, mesh))
+    if held_out:
+      summary[f"stage{stage}"] = held_out
+      writer.write(optim.num_steps, {f"eval/{k}": v for k, v in held_out.items()},
                    stage=f"stage{stage}")
   summary["stage_seconds"] = stage_seconds
   if config.data.name == "spatial_scenes" and "4" in stages:
@@ -254,6 +255,11 @@ def run(config, workdir) -> dict:
   writer.close()
   out = {"train": "summary.json", "eval": "results.json", "sample": "samples.json"}
   (workdir / out[config.mode]).write_text(json.dumps(summary, indent=2))
+  if "eval" in summary and jax.process_index() == 0:
+    # The Table-2 view of this run, with rows of any finished runs named for comparison.
+    others = [w for w in (config.eval.compare_with or "").split(",") if w]
+    report.write_report([workdir, *others], workdir)
+    metrics_lib.say(f"[eval] table: {workdir / 'table.md'}")
   return summary
 
 

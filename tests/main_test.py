@@ -13,7 +13,7 @@ def _main(workdir, *overrides):
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   cmd = [sys.executable, "-m", "sd3_jax.main",
          "--config=experiments/spatial_scenes.py:tiny,variant=singleton",
-         f"--workdir={workdir}", *overrides]
+         f"--workdir={workdir}", "--config.eval.java_scorers=False", *overrides]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -41,6 +41,8 @@ def test_train_then_eval(tmp_path):
   assert "steps/s" not in again.stdout  # nothing retrained
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["eval"]["num_samples"] == summary["eval"]["num_samples"]
+  table = (tmp_path / "table.md").read_text()
+  assert "| Singleton" in table and "FID" in table and "BLEU-4" in table
 
   # Fine-tune stage 4 in a new workdir, starting from this run's weights only.
   tuned = _main(tmp_path / "tuned", "--config.stages=4", f"--config.init_from={tmp_path}",

@@ -55,6 +55,12 @@ def check_local_inputs(config) -> None:
     value = config[section].get(name)
     if value and not pathlib.Path(value).exists():
       missing.append(f"{value} ({key}: {what})")
+  clip_dir = config.eval.get("clip_dir")
+  if clip_dir and pathlib.Path(clip_dir).is_dir():
+    for name in ("config.json", "model.safetensors"):
+      if not (pathlib.Path(clip_dir) / name).exists():
+        missing.append(f"{pathlib.Path(clip_dir) / name} (eval.clip_dir: a HF CLIP directory "
+                       "needs config.json, model.safetensors and its tokenizer files)")
   if missing:
     raise FileNotFoundError("missing local inputs (nothing is downloaded):\n  - "
                             + "\n  - ".join(missing))

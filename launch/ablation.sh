@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The Table-2 ablation on spatial-scenes: 4 variants x 3 seeds, then the report.
+#   bash launch/ablation.sh [OUT_DIR]     (default /tmp/sd3_ablation)
+# Per seed, the stages the variants share are trained once and copied, which is exact (same
+# seed, same data order, same code path): 0a/0b are common to all four variants, 1-3 to
+# singleton_3d and sd3; each variant then trains its own stage 4 and is evaluated.
+# Resumable: a run whose workdir has summary.json is skipped, an interrupted one resumes
+# from its checkpoints. The data is generated once, in OUT_DIR/data.
+# Writes OUT_DIR/table.md (mean ± std over seeds) and OUT_DIR/table.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-/tmp/sd3_ablation}"
+SEEDS="${SEEDS:-0 1 2}"
+mkdir -p "$OUT"
+# Runs of one size share their XLA programs: compile once, reuse across seeds and variants.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}"
+
+run() {  # run VARIANT SEED [SOURCE_WORKDIR STAGE...]: copy finished stages, then train
+  local v=$1 s=$2 wd="$OUT/$1-s$2"
+  shift 2
+  workdirs+=("$wd")
+  if [ -f "$wd/summary.json" ]; then
+    echo "== $v seed $s: done, skipping ($wd)"
+    return
+  fi
+  if [ $# -gt 0 ]; then
+    local src=$1
+    shift
+    mkdir -p "$wd/checkpoints"
+    for stage in "$@"; do
+      [ -d "$wd/checkpoints/stage$stage" ] || cp -r "$src/checkpoints/stage$stage" "$wd/checkpoints/"
+    done
+  fi
+  echo "== $v seed $s -> $wd"
+  local start
+  start=$(date +%s)
+  python -m sd3_jax.main --config="experiments/ablation.py:variant=$v" --config.seed="$s" \
+    --config.data.dir="$OUT/data" --workdir="$wd" > >(tee -a "$OUT/$v-s$s.log") 2>&1
+  echo "== $v seed $s: $(( $(date +%s) - start )) s"
+}
+
+workdirs=()
+for s in $SEEDS; do
+  run singleton "$s"
+  run vanilla_dual "$s" "$OUT/singleton-s$s" 0a 0b
+  run singleton_3d "$s" "$OUT/singleton-s$s" 0a 0b
+  run sd3 "$s" "$OUT/singleton_3d-s$s" 0a 0b 1 2 3
+done
+python -m sd3_jax.report --out="$OUT" "${workdirs[@]}"

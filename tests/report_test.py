@@ -1,0 +1,124 @@
+"""The Table-2 report: seed aggregation, blank cells with reasons, Markdown, files, CLI."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from sd3_jax import report
+from sd3_jax.data import schema
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+NO_FID = "no FID weights (set eval.inception_weights)"
+
+
+def _eval(bleu, acc, graph=None):
+  result = {"num_samples": 8, "si2t/bleu4": bleu, "st2i/spatial_acc": acc, "st2i/fid": None,
+            "graph/trirec_from_tsg": graph,
+            "unavailable": {"st2i/fid": NO_FID}}
+  if graph is None:
+    result["unavailable"]["graph/trirec_from_tsg"] = "variant singleton has no 3DSG"
+  return result
+
+
+RUNS = {
+    "sd3-s0": {"variant": "sd3", "seed": 0, "eval": _eval(0.50, 0.25, 0.5)},
+    "sd3-s1": {"variant": "sd3", "seed": 1, "eval": _eval(0.60, 0.75, 0.7)},
+    "sd3-s2": {"variant": "sd3", "seed": 2, "eval": _eval(0.70, 0.50, 0.9)},
+    "singleton-s0": {"variant": "singleton", "seed": 0, "eval": _eval(0.40, 0.10)},
+}
+
+
+def test_mean_and_std_over_seeds():
+  rows = report.table_rows(RUNS)
+  assert [r["variant"] for r in rows] == ["singleton", "sd3"]  # the paper's order
+  sd3 = rows[1]
+  assert sd3["seeds"] == [0, 1, 2] and sd3["label"] == "SD³"
+  bleu = sd3["cells"]["si2t/bleu4"]
+  assert bleu["mean"] == pytest.approx(0.6) and bleu["n"] == 3
+  assert bleu["std"] == pytest.approx(0.1)  # ddof=1: sqrt((0.01 + 0 + 0.01) / 2)
+  assert sd3["cells"]["st2i/spatial_acc"]["std"] == pytest.approx(0.25)
+  single = rows[0]["cells"]["si2t/bleu4"]
+  assert single["mean"] == pytest.approx(0.4) and single["std"] is None  # one seed
+
+
+def test_blank_cells_keep_their_reason():
+  rows = report.table_rows(RUNS)
+  fid = rows[1]["cells"]["st2i/fid"]
+  assert fid["mean"] is None and fid["n"] == 0 and fid["reason"] == NO_FID
+  assert rows[0]["cells"]["graph/trirec_from_tsg"]["reason"] == "variant singleton has no 3DSG"
+  assert "not in" in rows[0]["cells"]["si2t/spice"]["reason"]  # never computed
+  partial = dict(RUNS, **{"sd3-s3": {"variant": "sd3", "seed": 3,
+                                     "eval": dict(_eval(None, 0.5, 0.1),
+                                                  unavailable={"si2t/bleu4": "crashed"})}})
+  bleu = report.table_rows(partial)[1]["cells"]["si2t/bleu4"]
+  assert bleu["mean"] == pytest.approx(0.6) and bleu["n"] == 3
+  assert bleu["reason"] == "1 of 4 runs lack it: crashed"
+
+
+def test_markdown_table():
+  md = report.markdown_table(report.table_rows(RUNS))
+  lines = md.splitlines()
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert header[:7] == ["Variant", "Seeds", "FID ↓", "IS ↑", "CLIP ↑", "BLEU-4 ↑", "SPICE ↑"]
+  sd3 = [c.strip() for c in lines[3].strip("|").split("|")]
+  assert sd3[0] == "SD³" and sd3[1] == "0,1,2"
+  assert sd3[header.index("BLEU-4 ↑")] == "60.00 ± 10.00"
+  assert sd3[header.index("ST2I spatial acc ↑")] == "50.00 ± 25.00"
+  single = [c.strip() for c in lines[2].strip("|").split("|")]
+  assert single[header.index("BLEU-4 ↑")] == "40.00"  # one seed: no std
+  # Blank cells carry footnote numbers, and the footnotes say why.
+  fid_mark = sd3[header.index("FID ↓")]
+  assert fid_mark.startswith("[") and f"{fid_mark} {NO_FID}" in lines
+  graph_mark = single[header.index("3DSG TriRec ↑")]
+  assert f"{graph_mark} variant singleton has no 3DSG" in lines
+  assert single[header.index("FID ↓")] == fid_mark  # one footnote per reason
+
+
+def _workdir(root, name, run, file="summary.json"):
+  d = root / name
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps({"variant": run["variant"], "seed": run["seed"],
+                                             "mode": "train"}))
+  (d / file).write_text(json.dumps({"stage_seconds": {}, "eval": run["eval"]}))
+  return d
+
+
+def test_write_report_reads_workdirs(tmp_path):
+  dirs = [_workdir(tmp_path, name, run, "results.json" if name == "sd3-s1" else
+                   "summary.json") for name, run in RUNS.items()]
+  out = report.write_report(dirs, tmp_path / "report")
+  assert out["runs"]["sd3-s1"]["source"] == "results.json"
+  assert out["runs"]["sd3-s0"]["source"] == "summary.json"
+  saved = json.loads((tmp_path / "report" / "table.json").read_text())
+  assert saved["aggregate"][1]["cells"]["si2t/bleu4"]["mean"] == pytest.approx(0.6)
+  md = (tmp_path / "report" / "table.md").read_text()
+  assert "| SD³ | 0,1,2 |" in md and "60.00 ± 10.00" in md
+  assert "| SD³ (sd3-s2) | 2 |" in md  # the per-run table
+
+
+def test_bad_workdirs(tmp_path):
+  with pytest.raises(schema.DataError, match="config.json"):
+    report.load_run(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"variant": "sd3", "seed": 0}))
+  with pytest.raises(schema.DataError, match="summary.json"):
+    report.load_run(tmp_path)
+  (tmp_path / "summary.json").write_text(json.dumps({"stage_seconds": {}}))
+  with pytest.raises(schema.DataError, match="field 'eval'"):
+    report.load_run(tmp_path)
+  (tmp_path / "summary.json").write_text("{oops")
+  with pytest.raises(schema.DataError, match="bad JSON"):
+    report.load_run(tmp_path)
+
+
+def test_cli(tmp_path):
+  dirs = [str(_workdir(tmp_path, name, run)) for name, run in RUNS.items()]
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  run = subprocess.run([sys.executable, "-m", "sd3_jax.report", f"--out={tmp_path / 'r'}",
+                        *dirs], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "| SD³ | 0,1,2 |" in run.stdout
+  assert (tmp_path / "r" / "table.md").exists()
