@@ -2,9 +2,13 @@ r"""Entry point: `python -m sd3_jax.main --config=experiments/spatial_scenes.py 
 
 Overrides: `--config.data.batch_size=32` (the config is locked: a typo fails at once).
 Multi-host: set `SD3_JAX_DISTRIBUTED=1` (the `launch/` scripts do) to call
-`jax.distributed.initialize()` before anything touches devices.
+`jax.distributed.initialize()` before anything touches devices. On TPU pods, SLURM and other
+clusters JAX detects the coordinator and process ids itself; elsewhere (plain machines,
+localhost tests) set `SD3_JAX_COORDINATOR=host:port`, `SD3_JAX_NUM_PROCESSES=N` and
+`SD3_JAX_PROCESS_ID=i` (0 <= i < N; process 0 hosts the coordinator on that port).
 """
 import os
+from typing import Mapping, Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,6 +20,47 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def distributed_args(environ: Mapping[str, str]) -> dict:
+  """`jax.distributed.initialize` keyword arguments from SD3_JAX_* variables.
+
+  Unset variables stay out, so JAX auto-detects them (TPU, SLURM, ...); a partial manual
+  setting is an error here rather than a hang waiting for a coordinator.
+  """
+  names = {"coordinator_address": "SD3_JAX_COORDINATOR",
+           "num_processes": "SD3_JAX_NUM_PROCESSES", "process_id": "SD3_JAX_PROCESS_ID"}
+  given = {arg: environ[var] for arg, var in names.items() if environ.get(var)}
+  if not given:
+    return {}
+  missing = [var for arg, var in names.items() if arg not in given]
+  if missing:
+    raise ValueError(f"set all of {', '.join(names.values())} or none; missing "
+                     f"{', '.join(missing)}")
+  args = {"coordinator_address": given["coordinator_address"]}
+  for arg in ("num_processes", "process_id"):
+    try:
+      args[arg] = int(given[arg])
+    except ValueError:
+      raise ValueError(f"{names[arg]} must be an integer, got {given[arg]!r}") from None
+  if not 0 <= args["process_id"] < args["num_processes"]:
+    raise ValueError(f"SD3_JAX_PROCESS_ID={args['process_id']} is not in "
+                     f"[0, SD3_JAX_NUM_PROCESSES={args['num_processes']})")
+  return args
+
+
+def initialize_distributed(environ: Optional[Mapping[str, str]] = None) -> bool:
+  """Joins the multi-process job if SD3_JAX_DISTRIBUTED=1; returns whether it did.
+
+  Must run before anything touches devices (jax.devices(), the first array).
+  """
+  environ = os.environ if environ is None else environ
+  if environ.get("SD3_JAX_DISTRIBUTED") != "1":
+    return False
+  import jax
+
+  jax.distributed.initialize(**distributed_args(environ))
+  return True
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -24,8 +69,7 @@ def main(argv):
   # Progress lines go to stdout (metrics.say); libraries' INFO chatter (orbax) stays off.
   logging.set_verbosity(logging.WARNING)
 
-  if os.environ.get("SD3_JAX_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  initialize_distributed()
   logging.info("process %d/%d, %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)

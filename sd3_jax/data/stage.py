@@ -7,6 +7,7 @@ import pathlib
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from sd3_jax import metrics as metrics_lib
 from sd3_jax import sharding as sharding_lib
@@ -69,7 +70,14 @@ def check_local_inputs(config) -> None:
 def run(config, mesh) -> dict:
   """Prepares the data, then reads `data.check_batches` global batches onto `mesh`."""
   start = time.perf_counter()
-  info = prepare(config)
+  # One writer: process 0 prepares (a shared data.dir would race), the others then find
+  # everything in place.
+  if jax.process_index() == 0:
+    info = prepare(config)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("sd3_jax_data_prepared")
+    if jax.process_index() != 0:
+      info = prepare(config)
   info["prepare_seconds"] = round(time.perf_counter() - start, 2)
   metrics_lib.say(f"[data] prepared {info.get('dataset')} in {info['prepare_seconds']} s: "
                   + ", ".join(f"{k}={v['num_images']} images" for k, v in info["splits"].items()))
