@@ -189,17 +189,20 @@ def run(config, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   config.data.dir = data_stage.data_dir(config, workdir)
   config_json = json.loads(config.to_json_best_effort())
-  (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
+  lead = jax.process_index() == 0  # one writer of the workdir's JSON files
+  if lead:
+    (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
   mesh = sharding_lib.make_mesh(config.mesh)
   stages = steps.stages_to_run(config)
   weights_dir = _initial_weights_dir(config, workdir, stages)  # fails before the data stage
   summary = {"data": data_stage.run(config, mesh)}
-  (workdir / "data_report.json").write_text(json.dumps(summary["data"], indent=2))
+  if lead:
+    (workdir / "data_report.json").write_text(json.dumps(summary["data"], indent=2))
 
   model = sd3_lib.SD3(config, text_vocab_size=summary["data"]["text"]["vocab_size"],
                       graph_vocab_size=summary["data"]["graph_vocab_size"])
   rng = jax.random.key(config.seed)
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricWriter(workdir, enabled=lead)
   first = sharding_lib.to_global(next(iter(_batches(config, "init"))), mesh)
   params, model_state, abstract = init_model(model, config, mesh, first, rng)
   if weights_dir is not None:
@@ -254,8 +257,9 @@ def run(config, workdir) -> dict:
                  stage="eval")
   writer.close()
   out = {"train": "summary.json", "eval": "results.json", "sample": "samples.json"}
-  (workdir / out[config.mode]).write_text(json.dumps(summary, indent=2))
-  if "eval" in summary and jax.process_index() == 0:
+  if lead:
+    (workdir / out[config.mode]).write_text(json.dumps(summary, indent=2))
+  if "eval" in summary and lead:
     # The Table-2 view of this run, with rows of any finished runs named for comparison.
     others = [w for w in (config.eval.compare_with or "").split(",") if w]
     report.write_report([workdir, *others], workdir)

@@ -32,6 +32,7 @@ MIN_SATURATION = 0.5
 MIN_VALUE = 40
 MIN_COMPONENT = 0.2
 DEPTH_RADIUS_FACTOR = 1.0
+BLEND_SATURATION = 0.3  # sky and grounds are below this; palette colours and their blends above
 
 _NAMES = tuple(render_lib.PALETTE_HUE)
 _HUES = np.array([render_lib.PALETTE_HUE[n] for n in _NAMES])
@@ -43,8 +44,8 @@ def segment(image: np.ndarray) -> dict[str, np.ndarray]:
   """uint8 [H, W, 3] -> {colour: bool mask [H, W]} for each palette colour present."""
   img = image.astype(np.float32)
   r, g, b = img[..., 0], img[..., 1], img[..., 2]
-  mx, mn = img.max(-1), img.min(-1)
-  sat = (mx - mn) / np.maximum(mx, 1.0)
+  mx = img.max(-1)
+  sat = _saturation(image)
   hue = np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
   diff = np.abs((hue[..., None] - _HUES + 180) % 360 - 180)
   label = np.argmin(diff, -1)
@@ -66,13 +67,32 @@ def _box(mask: np.ndarray) -> list[int]:
   return [int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())]
 
 
+def _saturation(image: np.ndarray) -> np.ndarray:
+  img = image.astype(np.float32)
+  mx, mn = img.max(-1), img.min(-1)
+  return (mx - mn) / np.maximum(mx, 1.0)
+
+
 def _support_of(k: int, masks: Sequence[np.ndarray], ids: np.ndarray,
-                boxes: Sequence[list[int]]) -> Optional[int]:
+                boxes: Sequence[list[int]], blend: np.ndarray) -> Optional[int]:
   """Index of the object this one rests on, or None: at least half of the pixels just
   below its lowest row belong to one object, whose box spans its centre column. (The
   generator only describes ground objects whose ground contact is seen against the
-  ground, so on gold renders this is exactly stacking.)"""
+  ground, so on gold renders this is exactly stacking.)
+
+  A decoded image may blend the two colours in that row (saturated, but no palette hue:
+  `blend`); when most of the row is such a blend, the row below it decides instead.
+  """
   best, frac = scenes.touching_below(masks[k], ids)
+  if best < 0 or frac < 0.5:
+    y1 = int(np.nonzero(masks[k].any(1))[0].max())
+    cols = np.nonzero(masks[k][y1])[0]
+    if y1 + 2 < ids.shape[0] and blend[y1 + 1, cols].mean() >= 0.5:
+      below = ids[y1 + 2, cols]
+      below = below[below >= 0]
+      if below.size:
+        counts = np.bincount(below)
+        best, frac = int(np.argmax(counts)), counts.max() / len(cols)
   if best < 0 or frac < 0.5:
     return None
   _, _, x0, x1 = boxes[k]
@@ -93,6 +113,7 @@ def estimate_geoms(image: np.ndarray) -> dict[str, scenes.Geom]:
   ids = np.full(image.shape[:2], -1, np.int16)
   for k, m in enumerate(masks):
     ids[m] = k
+  blend = (ids < 0) & (_saturation(image) >= BLEND_SATURATION)
   boxes = [_box(m) for m in masks]
   ground = []
   for y0, y1, x0, x1 in boxes:
@@ -102,7 +123,7 @@ def estimate_geoms(image: np.ndarray) -> dict[str, scenes.Geom]:
     ground.append((pts[0, 0], pts[0, 2] + DEPTH_RADIUS_FACTOR * r, r))
   out = {}
   for k, c in enumerate(colours):
-    sup = _support_of(k, masks, ids, boxes)
+    sup = _support_of(k, masks, ids, boxes, blend)
     x, z, r = ground[k]
     if sup is not None:
       x, z = ground[sup][0], ground[sup][1]

@@ -54,8 +54,9 @@ class SD3:
         base_channels=m.vqvae.base_channels, channel_mults=tuple(m.vqvae.channel_mults),
         num_res_blocks=m.vqvae.num_res_blocks, quantizer=m.vqvae.quantizer,
         codebook_size=m.vqvae.codebook_size, embed_dim=m.vqvae.embed_dim,
-        commitment_cost=m.vqvae.commitment, ema_decay=m.vqvae.ema_decay,
-        dead_code_steps=m.vqvae.dead_code_steps)
+        fsq_levels=tuple(m.vqvae.fsq_levels), commitment_cost=m.vqvae.commitment,
+        ema_decay=m.vqvae.ema_decay, dead_code_steps=m.vqvae.dead_code_steps,
+        object_weight=m.vqvae.object_weight, l1_weight=m.vqvae.l1_weight)
     clip = encoders.ContrastiveEncoders(
         text=encoders.TextEncoder(
             vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,

@@ -114,3 +114,24 @@ def test_accuracy_helpers():
   assert verifier.spatial_accuracy([]) == 0.0
   assert verifier.per_predicate_accuracy(hits, triples) == {"behind": (0.0, 1),
                                                             "on": (1.0, 2)}
+
+
+def test_stacking_survives_a_blended_contact_row():
+  """A decoder blurs the row between a stacked object and its support into a mix of the two
+  colours (no palette hue); the verifier must still read "on" there, and only there."""
+  stacked = []
+  for ex in _examples(200, offset=70_000):
+    stacked += [(ex, i, j) for i, p, j in ex.described if p == "on"]
+    if len(stacked) >= 5:
+      break
+  assert stacked, "no stacked pair among the examples"
+  for ex, i, j in stacked:
+    cols = [o.colour for o in ex.scene.objects]
+    image = ex.rendered.image.copy()
+    top = ex.rendered.ids == i
+    y1 = np.nonzero(top.any(1))[0].max()
+    xs = np.nonzero(top[y1])[0]
+    below = image[y1 + 1, xs].astype(np.float32)
+    image[y1 + 1, xs] = np.round(0.5 * below + 0.5 * image[y1, xs]).astype(np.uint8)
+    assert verifier.verify_images(image[None], [[(cols[i], "on", cols[j])]]) == [[True]]
+    assert verifier.verify_images(image[None], [[(cols[j], "on", cols[i])]]) == [[False]]

@@ -144,3 +144,44 @@ def test_fsq_vqvae_trains():
     losses.append(float(loss))
   assert state == {}
   assert losses[-1] < 0.5 * losses[0]
+
+
+def test_object_mask_marks_saturated_pixels_and_their_neighbours():
+  img = np.full((1, 6, 6, 3), 0.2, np.float32)  # grey: saturation 0
+  img[0, 2, 3] = [1.0, -1.0, -1.0]  # pure red
+  img[0, 5, 0] = [0.0, 0.0, 1.0]  # (0.5, 0.5, 1) in [0, 1]: saturation 0.5
+  mask = np.asarray(vqvae.object_mask(jnp.asarray(img)))[0]
+  expected = np.zeros((6, 6))
+  expected[1:4, 2:5] = 1
+  expected[4:6, 0:2] = 1
+  np.testing.assert_array_equal(mask, expected)
+  # A threshold above 0.5 drops the pale pixel.
+  assert np.asarray(vqvae.object_mask(jnp.asarray(img), min_saturation=0.6))[0, 5, 0] == 0
+
+
+def test_reconstruction_loss_matches_brute_force():
+  rng = np.random.default_rng(0)
+  img = rng.uniform(-0.1, 0.1, (2, 5, 5, 3)).astype(np.float32)  # near-grey
+  img[1, 4, 4] = [1.0, -1.0, 1.0]  # magenta corner pixel
+  recon = rng.uniform(-1, 1, img.shape).astype(np.float32)
+  err = recon - img
+  np.testing.assert_allclose(vqvae.reconstruction_loss(recon, img), np.mean(err ** 2),
+                             rtol=1e-6)
+  weight = np.ones((2, 5, 5))
+  weight[1, 3:, 3:] = 7.0
+  expected = np.mean(weight * (np.mean(err ** 2, -1) + 0.5 * np.mean(np.abs(err), -1)))
+  got = vqvae.reconstruction_loss(recon, img, object_weight=7.0, l1_weight=0.5)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_vqvae_loss_uses_weighted_reconstruction():
+  x = _images()
+  plain, weighted = _tiny(), _tiny(object_weight=10.0, l1_weight=1.0)
+  variables = plain.init(jax.random.key(1), x)
+  recon, aux = plain.apply(variables, x)
+  _, aux_w = weighted.apply(variables, x)
+  np.testing.assert_allclose(aux_w["recon_mse"], aux["recon_mse"], rtol=1e-6)
+  expected = (vqvae.reconstruction_loss(recon, x, 10.0, 1.0)
+              + weighted.commitment_cost * aux["commitment"])
+  np.testing.assert_allclose(aux_w["loss"], expected, rtol=1e-5)
+  assert float(aux_w["loss"]) > float(aux["loss"])
