@@ -10,10 +10,13 @@ its support changed, or other), plus train ms/step (median over steps, after com
 
   python -m sd3_jax.benchmarks.vqvae                                  # repo default model
   python -m sd3_jax.benchmarks.vqvae --channel_mults=1,2 --steps=2000 --object_weight=20
+  python -m sd3_jax.benchmarks.vqvae ... --save_recon=/tmp/r.npz     # keep the held-out arrays
+  python -m sd3_jax.benchmarks.vqvae --load_recon=/tmp/r.npz         # verifier only, seconds
 """
 import argparse
 import collections
 import dataclasses
+import json
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -61,6 +64,11 @@ class VQVAEBenchmarkConfig:
   l1_weight: float = 0.0
   # Optional PNG of originals (odd rows) over reconstructions (even rows).
   save_images: str = ""
+  # Optional .npz of the held-out originals, reconstructions and triples (JSON), so the
+  # verifier can be iterated on offline without retraining.
+  save_recon: str = ""
+  # Given: skip data and training, report the verifier on arrays from `save_recon`.
+  load_recon: str = ""
 
 
 def make_data(split: str, num: int, cfg: VQVAEBenchmarkConfig):
@@ -190,6 +198,40 @@ def diagnose(real: np.ndarray, recon: np.ndarray, triples) -> dict:
           "bottom_shift": np.array(bottom_shift), "iou": float(np.mean(ious)) if ious else 0.0}
 
 
+def save_recon(path: str, real: np.ndarray, recon: np.ndarray, triples) -> None:
+  """Writes originals, reconstructions and triples (as JSON) to an .npz."""
+  np.savez_compressed(path, real=real, recon=recon,
+                      triples=np.array(json.dumps([list(map(list, t)) for t in triples])))
+
+
+def load_recon(path: str) -> tuple[np.ndarray, np.ndarray, list]:
+  """(originals, reconstructions, triples per image) written by `save_recon`."""
+  with np.load(path) as f:
+    triples = [[tuple(t) for t in ts_] for ts_ in json.loads(str(f["triples"]))]
+    return f["real"], f["recon"], triples
+
+
+def report_verifier(real: np.ndarray, recon: np.ndarray, triples) -> None:
+  """Prints the verifier's accuracy on originals vs reconstructions and why relations break."""
+  d = diagnose(real, recon, triples)
+  acc_real = verifier.spatial_accuracy(d["hits_real"])
+  acc_recon = verifier.spatial_accuracy(d["hits_recon"])
+  print(f"  verifier acc real     {acc_real:.4f}")
+  print(f"  verifier acc recon    {acc_recon:.4f}")
+  print(f"  gap (points)          {100 * (acc_real - acc_recon):.1f}   (target <= 3)")
+  print(f"  objects lost (colour) {d['lost_objects']:.1%}; mask IoU {d['iou']:.3f}; "
+        f"|bottom row shift| mean {d['bottom_shift'].mean():.2f}px, "
+        f">=1px {np.mean(d['bottom_shift'] >= 1):.1%}, >=2px {np.mean(d['bottom_shift'] >= 2):.1%}")
+  real_pp = verifier.per_predicate_accuracy(d["hits_real"], triples)
+  rec_pp = verifier.per_predicate_accuracy(d["hits_recon"], triples)
+  print("  per predicate (real -> recon, n):")
+  for p, (acc, n) in real_pp.items():
+    print(f"    {p:<14} {acc:.3f} -> {rec_pp[p][0]:.3f}  ({n})")
+  print("  relations lost in reconstruction, by cause:")
+  for k, v in sorted(d["modes"].items(), key=lambda kv: (":" in kv[0], -kv[1])):
+    print(f"    {k:<40} {v}")
+
+
 def _tuple_of_ints(text: str) -> tuple:
   return tuple(int(v) for v in text.split(","))
 
@@ -203,6 +245,11 @@ def main() -> None:
                         type=_tuple_of_ints if isinstance(value, tuple) else type(value))
   args = parser.parse_args()
   cfg = VQVAEBenchmarkConfig(**vars(args))
+  if cfg.load_recon:
+    real, recon, triples = load_recon(cfg.load_recon)
+    print(f"{cfg.load_recon}: {len(real)} val scenes ({sum(map(len, triples))} relations)")
+    report_verifier(real, recon, triples)
+    return
   if cfg.num_val < 256:
     print(f"warning: num_val={cfg.num_val} < 256; the gap is noisy")
 
@@ -229,9 +276,6 @@ def main() -> None:
   recon, ids = reconstruct(model, params, state, val_images)
   mse = float(np.mean((recon.astype(np.float32) - val_images.astype(np.float32)) ** 2)
               / 127.5 ** 2)
-  d = diagnose(val_images, recon, val_triples)
-  acc_real = verifier.spatial_accuracy(d["hits_real"])
-  acc_recon = verifier.spatial_accuracy(d["hits_recon"])
   used = len(np.unique(ids))
 
   print(f"\ntrained {cfg.steps} steps x batch {cfg.batch_size} in {train_s:.0f}s, "
@@ -240,25 +284,15 @@ def main() -> None:
   print(f"held-out ({cfg.num_val} val scenes):")
   print(f"  codebook usage        {used}/{model.num_codes} ({used / model.num_codes:.1%})")
   print(f"  recon MSE ([-1,1])    {mse:.5f}")
-  print(f"  verifier acc real     {acc_real:.4f}")
-  print(f"  verifier acc recon    {acc_recon:.4f}")
-  print(f"  gap (points)          {100 * (acc_real - acc_recon):.1f}   (target <= 3)")
-  print(f"  objects lost (colour) {d['lost_objects']:.1%}; mask IoU {d['iou']:.3f}; "
-        f"|bottom row shift| mean {d['bottom_shift'].mean():.2f}px, "
-        f">=1px {np.mean(d['bottom_shift'] >= 1):.1%}, >=2px {np.mean(d['bottom_shift'] >= 2):.1%}")
-  real_pp = verifier.per_predicate_accuracy(d["hits_real"], val_triples)
-  rec_pp = verifier.per_predicate_accuracy(d["hits_recon"], val_triples)
-  print("  per predicate (real -> recon, n):")
-  for p, (acc, n) in real_pp.items():
-    print(f"    {p:<14} {acc:.3f} -> {rec_pp[p][0]:.3f}  ({n})")
-  print("  relations lost in reconstruction, by cause:")
-  for k, v in sorted(d["modes"].items(), key=lambda kv: (":" in kv[0], -kv[1])):
-    print(f"    {k:<40} {v}")
+  report_verifier(val_images, recon, val_triples)
   if cfg.save_images:
     n = min(16, cfg.num_val)
     rows = [x for i in range(0, n, 8) for x in (val_images[i:i + 8], recon[i:i + 8])]
     visualize.image_grid(np.concatenate(rows), columns=8).save(cfg.save_images)
     print(f"  images: {cfg.save_images}")
+  if cfg.save_recon:
+    save_recon(cfg.save_recon, val_images, recon, val_triples)
+    print(f"  arrays: {cfg.save_recon}")
 
 
 if __name__ == "__main__":

@@ -8,15 +8,17 @@ Each object's position on the ground comes from its ground contact: the lowest v
 at the box's centre column is un-projected through the known camera onto the ground plane
 (the nearest point of the footprint), the box width at that depth gives the footprint
 radius r, and the centre lies r * `DEPTH_RADIUS_FACTOR` farther. An object whose lowest
-row rests on another object's pixels is stacked on it ("on"/"under") and takes its
-support's ground position. Relations then use exactly the
-gold definitions (`scenes.pair_margin`). A description that names a colour absent from
+row rests on a plausible support's pixels (`_support_of`: the generator's rule, read
+through a few rows of decoder blur) is stacked on it ("on"/"under") and takes its
+support's ground position. Relations then use exactly the gold definitions
+(`scenes.pair_margin`). A description that names a colour absent from
 the image is a miss.
 
 Captions: parsed by the caption grammar (`scene_captions.parse_caption`); a triple is a
 hit when both descriptions match a gold object (colour, and size/shape when stated) and
 the relation holds in the gold 3D relation set.
 """
+import collections
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -33,6 +35,13 @@ MIN_VALUE = 40
 MIN_COMPONENT = 0.2
 DEPTH_RADIUS_FACTOR = 1.0
 BLEND_SATURATION = 0.3  # sky and grounds are below this; palette colours and their blends above
+# Stacking (`_support_of`). The generator puts only small objects on large ones: on gold
+# 64x64 renders a support is >= 1.0x as wide as what it carries and its box ends >= 8 rows
+# (0.125 of the image) below the carried object's lowest row; the tests leave slack for a
+# decoder's blur.
+CONTACT_ROWS = 3
+SUPPORT_WIDTH_RATIO = 0.9
+SUPPORT_BELOW = 0.1  # of the image height
 
 _NAMES = tuple(render_lib.PALETTE_HUE)
 _HUES = np.array([render_lib.PALETTE_HUE[n] for n in _NAMES])
@@ -73,31 +82,49 @@ def _saturation(image: np.ndarray) -> np.ndarray:
   return (mx - mn) / np.maximum(mx, 1.0)
 
 
-def _support_of(k: int, masks: Sequence[np.ndarray], ids: np.ndarray,
-                boxes: Sequence[list[int]], blend: np.ndarray) -> Optional[int]:
-  """Index of the object this one rests on, or None: at least half of the pixels just
-  below its lowest row belong to one object, whose box spans its centre column. (The
-  generator only describes ground objects whose ground contact is seen against the
-  ground, so on gold renders this is exactly stacking.)
+def _support_of(k: int, masks: Sequence[np.ndarray], comps: Sequence[np.ndarray],
+                ids: np.ndarray, blend: np.ndarray) -> Optional[int]:
+  """Index of the object this one rests on, or None.
 
-  A decoded image may blend the two colours in that row (saturated, but no palette hue:
-  `blend`); when most of the row is such a blend, the row below it decides instead.
+  The generator's rule (`scenes.touching_below`): at least half of the pixels just below
+  the object's lowest row belong to its support. Here each column of that row scans down
+  up to `CONTACT_ROWS` rows for the first pixel of a *plausible* support, looking through
+  blends (saturated, no palette hue: `blend`) and through implausible objects' pixels,
+  and stopping at an unsaturated (ground) pixel, which means no contact. The generator
+  stacks only small objects on large ones, so a plausible support is judged by the box of
+  its connected component there (a decoder's colour fringes, e.g. purple between blue
+  and red or orange between red and yellow, are separate components): it spans the
+  object's centre column, is at least `SUPPORT_WIDTH_RATIO` as wide and extends at least
+  `SUPPORT_BELOW` of the image height below the object's lowest row. On gold renders this
+  reads the generator's rule on every object it describes; the window and the box tests
+  make it robust to a decoder moving the contact by a pixel or two and blending colours.
   """
-  best, frac = scenes.touching_below(masks[k], ids)
-  if best < 0 or frac < 0.5:
-    y1 = int(np.nonzero(masks[k].any(1))[0].max())
-    cols = np.nonzero(masks[k][y1])[0]
-    if y1 + 2 < ids.shape[0] and blend[y1 + 1, cols].mean() >= 0.5:
-      below = ids[y1 + 2, cols]
-      below = below[below >= 0]
-      if below.size:
-        counts = np.bincount(below)
-        best, frac = int(np.argmax(counts)), counts.max() / len(cols)
-  if best < 0 or frac < 0.5:
+  _, y1, x0, x1 = _box(masks[k])
+  centre, width = (x0 + x1) / 2, x1 - x0 + 1
+  plausible = {}
+
+  def is_plausible(j: int, comp: int) -> bool:
+    if (j, comp) not in plausible:
+      by0, by1, bx0, bx1 = _box(comps[j] == comp)
+      plausible[j, comp] = bool(
+          bx0 <= centre <= bx1 and by1 - y1 >= SUPPORT_BELOW * ids.shape[0]
+          and bx1 - bx0 + 1 >= SUPPORT_WIDTH_RATIO * width)
+    return plausible[j, comp]
+
+  cols = np.nonzero(masks[k][y1])[0]
+  votes = collections.Counter()
+  for x in cols:
+    for y in range(y1 + 1, min(y1 + 1 + CONTACT_ROWS, ids.shape[0])):
+      j = int(ids[y, x])
+      if j < 0 and not blend[y, x]:
+        break
+      if j >= 0 and is_plausible(j, int(comps[j][y, x])):
+        votes[j] += 1
+        break
+  if not votes:
     return None
-  _, _, x0, x1 = boxes[k]
-  _, _, bx0, bx1 = boxes[best]
-  return best if bx0 <= (x0 + x1) / 2 <= bx1 else None
+  best, n = votes.most_common(1)[0]
+  return best if n >= 0.5 * len(cols) else None
 
 
 def estimate_geoms(image: np.ndarray) -> dict[str, scenes.Geom]:
@@ -115,6 +142,7 @@ def estimate_geoms(image: np.ndarray) -> dict[str, scenes.Geom]:
     ids[m] = k
   blend = (ids < 0) & (_saturation(image) >= BLEND_SATURATION)
   boxes = [_box(m) for m in masks]
+  comps = [ndimage.label(m)[0] for m in masks]
   ground = []
   for y0, y1, x0, x1 in boxes:
     pts = cam.unproject_to_plane(np.array([(x0 + x1 + 1) / 2, x0, x1 + 1.0]),
@@ -123,7 +151,7 @@ def estimate_geoms(image: np.ndarray) -> dict[str, scenes.Geom]:
     ground.append((pts[0, 0], pts[0, 2] + DEPTH_RADIUS_FACTOR * r, r))
   out = {}
   for k, c in enumerate(colours):
-    sup = _support_of(k, masks, ids, boxes, blend)
+    sup = _support_of(k, masks, comps, ids, blend)
     x, z, r = ground[k]
     if sup is not None:
       x, z = ground[sup][0], ground[sup][1]

@@ -135,3 +135,58 @@ def test_stacking_survives_a_blended_contact_row():
     image[y1 + 1, xs] = np.round(0.5 * below + 0.5 * image[y1, xs]).astype(np.uint8)
     assert verifier.verify_images(image[None], [[(cols[i], "on", cols[j])]]) == [[True]]
     assert verifier.verify_images(image[None], [[(cols[j], "on", cols[i])]]) == [[False]]
+
+
+def _rgb(name):
+  return np.round(255 * np.array(render.PALETTE[name])).astype(np.uint8)
+
+
+def _two_boxes(below_rows, below_cols, gap_rows=0, gap_colour=None):
+  """A 64x64 floor with a small blue box (rows 20-27, cols 24-31) and a red box below it,
+  `gap_rows` rows lower, the gap filled with `gap_colour` (None: the floor shows)."""
+  image = np.broadcast_to(np.array(render.GROUNDS["floor"], np.uint8), (64, 64, 3)).copy()
+  image[20:28, 24:32] = _rgb("blue")
+  if gap_rows:
+    image[28:28 + gap_rows, 24:32] = render.GROUNDS["floor"] if gap_colour is None else gap_colour
+  image[below_rows[0] + gap_rows:below_rows[1], below_cols[0]:below_cols[1]] = _rgb("red")
+  return verifier.estimate_geoms(image)
+
+
+def test_stacking_needs_a_plausible_support_in_contact():
+  large = ((28, 50), (18, 38))  # wider than the blue box, and reaching far below it
+  assert _two_boxes(*large)["blue"].support == "red"
+  # A decoder moves the contact by a pixel or two: blended rows are looked through...
+  mix = np.round(0.5 * _rgb("blue") + 0.5 * _rgb("red")).astype(np.uint8)
+  for gap in (1, 2):
+    assert _two_boxes(*large, gap_rows=gap, gap_colour=mix)["blue"].support == "red"
+  # ...and so is a thin fringe of a third palette colour (not a support itself)...
+  assert _two_boxes(*large, gap_rows=1, gap_colour=_rgb("orange"))["blue"].support == "red"
+  # ...but ground seen in between means no contact.
+  assert _two_boxes(*large, gap_rows=1)["blue"].support is None
+  # A ground object just behind a narrower or shorter one is not stacked on it.
+  assert _two_boxes((28, 50), (25, 31))["blue"].support is None  # narrower
+  assert _two_boxes((28, 32), (18, 38))["blue"].support is None  # ends just below
+
+
+def test_stacking_survives_a_fringe_and_a_two_row_blend():
+  """On gold stacked pairs: a decoder's fringe (a palette colour absent from the scene) in
+  the contact row, or two blended rows, still read "on"; the converse never does."""
+  stacked = []
+  for ex in _examples(200, offset=70_000):
+    stacked += [(ex, i, j) for i, p, j in ex.described if p == "on"]
+    if len(stacked) >= 5:
+      break
+  for ex, i, j in stacked:
+    cols = [o.colour for o in ex.scene.objects]
+    fringe = _rgb(next(c for c in render.PALETTE if c not in cols))
+    top = ex.rendered.ids == i
+    y1 = np.nonzero(top.any(1))[0].max()
+    xs = np.nonzero(top[y1])[0]
+    blended = ex.rendered.image.copy()
+    mix = 0.5 * blended[y1, xs].astype(np.float32) + 0.5 * blended[y1 + 3, xs]
+    blended[y1 + 1:y1 + 3, xs] = np.round(mix).astype(np.uint8)
+    fringed = ex.rendered.image.copy()
+    fringed[y1 + 1, xs] = fringe
+    for image in (blended, fringed):
+      assert verifier.verify_images(image[None], [[(cols[i], "on", cols[j])]]) == [[True]]
+      assert verifier.verify_images(image[None], [[(cols[j], "on", cols[i])]]) == [[False]]
