@@ -7,10 +7,12 @@
 # Resumable: a run whose workdir has summary.json is skipped, an interrupted one resumes
 # from its checkpoints. The data is generated once, in OUT_DIR/data.
 # Writes OUT_DIR/table.md (mean ± std over seeds) and OUT_DIR/table.json.
+# MODE=eval re-scores the finished runs (e.g. after a metric changed) without training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-/tmp/sd3_ablation}"
 SEEDS="${SEEDS:-0 1 2}"
+MODE="${MODE:-train}"
 mkdir -p "$OUT"
 # Runs of one size share their XLA programs: compile once, reuse across seeds and variants.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}"
@@ -19,6 +21,13 @@ run() {  # run VARIANT SEED [SOURCE_WORKDIR STAGE...]: copy finished stages, the
   local v=$1 s=$2 wd="$OUT/$1-s$2"
   shift 2
   workdirs+=("$wd")
+  if [ "$MODE" = eval ]; then
+    [ -f "$wd/results.json" ] && return
+    python -m sd3_jax.main --config="experiments/ablation.py:variant=$v" --config.seed="$s" \
+      --config.data.dir="$OUT/data" --workdir="$wd" --config.mode=eval \
+      > >(tee -a "$OUT/$v-s$s.eval.log") 2>&1
+    return
+  fi
   if [ -f "$wd/summary.json" ]; then
     echo "== $v seed $s: done, skipping ($wd)"
     return
