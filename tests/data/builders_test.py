@@ -128,8 +128,10 @@ def test_bad_config_is_a_data_error():
 
 def test_vsd_builder_on_the_fixture(tmp_path, testdata):
   root = testdata / "vsd"
-  cfg = dict(max_nodes=24, max_edges=32, graph_overflow="truncate")
+  cfg = dict(max_nodes=24, max_edges=32, graph_overflow="truncate", text_vocab_size=96,
+             max_text_len=16)
   info = builders.prepare_vsd(tmp_path, root, "v1", cfg)
+  assert info["text"]["vocab_size"] > 0  # a tokenizer trained on the VSD training captions
   builder = builders.vsd_builder(tmp_path, "v1", cfg)
   size = builders.packed_graph_size(24, 32)
   vocab = graphs.GraphVocab.load(info["graph_vocab"])
