@@ -31,11 +31,13 @@ class SampleSheets:
     self._vocab = graphs_lib.GraphVocab.load(data_info["graph_vocab"])
     self._st2i, self._si2t, self._graph = evaluate.make_generators(model, config, mesh)
     self._graphs = steps.variant_flags(config.variant)["graph"]
-    self._host, self._batch, records = next(evaluate.eval_batches(
+    self._host, self._batch, _ = next(evaluate.eval_batches(
         config, mesh, config.eval.split, num_examples))
     self._valid = np.asarray(self._host["valid"])
     self._count = min(num_examples, int(self._valid.sum()))
-    self._prompts = [r.captions[0] for r in records][:self._count]
+    # The caption the model is given (data.caption_style), as in the final evaluation.
+    self._prompts = [refs[0] for refs in np.asarray(self._host["references"])[self._valid]]
+    self._prompts = self._prompts[:self._count]
     self._out = pathlib.Path(workdir) / "samples"
     self._tag = tag
     self._key = jax.random.key(config.seed)
