@@ -62,17 +62,23 @@ def latest_step(directory) -> Optional[int]:
 
 
 def restore_weights(directory, abstract_weights: dict, step: Optional[int] = None) -> dict:
-  """Restores only `params` and `model_state` of a saved train state (no optimizer state),
-  onto the shardings `abstract_weights` carries: `init_from` starts a run from another
-  run's weights whatever its optimizer or mesh was."""
+  """A saved stage's hand-on weights, `{"params", "model_state"}`, without optimizer state.
+
+  `params` are the checkpoint's EMA parameters: a stage is measured with its EMA, and the
+  next stage starts from what was measured (as `train.run` does between stages). Restored
+  onto the shardings `abstract_weights` carries, so `init_from` works whatever the other
+  run's optimizer or mesh was.
+  """
   manager = make_manager(directory, async_save=False)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_weights)
+    item = {"ema_params": abstract_weights["params"],
+            "model_state": abstract_weights["model_state"]}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract_weights, restore_args=restore_args, partial_restore=True)))
-    return restored["state"]
+        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+    return {"params": restored["ema_params"], "model_state": restored["model_state"]}
   finally:
     manager.close()

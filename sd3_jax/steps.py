@@ -144,6 +144,30 @@ def _graph_chain(model, params, z_t, t, cond_ids, global_feat, drop, teacher=Non
                                global_feat, teacher, teacher_mask, drop_cond=drop)
 
 
+def _graph_chains(model, params, z_t, t, drop, conds):
+  """The graph denoiser on one z_t under several conditions, as one batched call.
+
+  `conds`: (cond_ids, global_feat) or (cond_ids, global_feat, teacher, teacher_mask)
+  tuples; all or none have teacher tokens (padded to the longest, masked). The copies are
+  interleaved per example ([B, n] -> [B·n]), so each device keeps its own rows under data
+  sharding; one call of B·n rows runs larger matmuls and fewer ops than n calls of B rows.
+  Returns the logits per condition, each [B, N, C].
+  """
+  n = len(conds)
+  interleave = lambda xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:])  # noqa: E731
+  teacher = teacher_mask = None
+  if len(conds[0]) == 4:
+    length = max(c[2].shape[1] for c in conds)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    teacher = interleave([pad(c[2]) for c in conds])
+    teacher_mask = interleave([pad(c[3].astype(bool)) for c in conds])
+  logits, _ = _graph_chain(model, params, jnp.repeat(z_t, n, 0), jnp.repeat(t, n, 0),
+                           interleave([c[0] for c in conds]), interleave([c[1] for c in conds]),
+                           jnp.repeat(drop, n, 0), teacher, teacher_mask)
+  logits = logits.reshape((-1, n) + logits.shape[1:])
+  return [logits[:, i] for i in range(n)]
+
+
 def _vlb(config, process, logits, x0, x_t, t, mask=None):
   d = config.diffusion
   return diffusion.vlb_loss(process, logits, x0, x_t, t, mask, aux_weight=d.aux_weight,
@@ -163,8 +187,7 @@ def loss_3(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   t = _sample_t(k_t, b, config.diffusion.num_steps)
   z_t = model.graph_process.q_sample(k_q, z0, t)
   drop = _drop(k_drop, b, config.diffusion.cond_drop_rate)
-  logits_i, _ = _graph_chain(model, params, z_t, t, vsg, c_i, drop)
-  logits_t, _ = _graph_chain(model, params, z_t, t, tsg, c_y, drop)
+  logits_i, logits_t = _graph_chains(model, params, z_t, t, drop, [(vsg, c_i), (tsg, c_y)])
   l_i, aux_i = _vlb(config, model.graph_process, logits_i, z0, z_t, t)
   l_t, aux_t = _vlb(config, model.graph_process, logits_t, z0, z_t, t)
   loss = l_i + l_t
@@ -220,8 +243,7 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
     vsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "vsg")))
     tsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "tsg")))
     z_gt = model.graph_process.q_sample(k_g, z_g, t)
-    s_i, _ = _graph_chain(model, params, z_gt, t, vsg, c_i, drop)
-    s_t, _ = _graph_chain(model, params, z_gt, t, tsg, c_y, drop)
+    s_i, s_t = _graph_chains(model, params, z_gt, t, drop, [(vsg, c_i), (tsg, c_y)])
     l_i23d, _ = _vlb(config, model.graph_process, s_i, z_g, z_gt, t)
     l_t23d, _ = _vlb(config, model.graph_process, s_t, z_g, z_gt, t)
     loss = loss + w.graph * (l_i23d + l_t23d)
@@ -230,8 +252,8 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
       # Teachers see the dual 3D->X chain's step-t hidden states (paper eq. 2-3, App. C.3):
       # VSG->3DSG gets the image chain's, TSG->3DSG the text chain's (which fuses c^I).
       img_feats, img_mask = model.teacher_from_image(sg(h_i))
-      tea_i, _ = _graph_chain(model, params, z_gt, t, vsg, c_i, drop, img_feats, img_mask)
-      tea_t, _ = _graph_chain(model, params, z_gt, t, tsg, c_y, drop, sg(h_y), mask)
+      tea_i, tea_t = _graph_chains(model, params, z_gt, t, drop,
+                                   [(vsg, c_i, img_feats, img_mask), (tsg, c_y, sg(h_y), mask)])
       l_tea_i, _ = _vlb(config, model.graph_process, tea_i, z_g, z_gt, t)
       l_tea_t, _ = _vlb(config, model.graph_process, tea_t, z_g, z_gt, t)
       kl = _kl_x0(s_i, sg(tea_i)) + _kl_x0(s_t, sg(tea_t))
@@ -265,7 +287,8 @@ def make_train_step(model: sd3_lib.SD3, config, stage: str, tx) -> Callable:
 
     (loss, (model_state, metrics)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
     del loss
-    new_state = ts.apply_gradients(state, grads, tx, config.optim.ema_decay, model_state)
+    new_state = ts.apply_gradients(state, grads, tx, config.optim.ema_decay, model_state,
+                                   trainable=trainable_mask(stage)(state.params))
     return new_state, metrics
 
   return step

@@ -44,9 +44,15 @@ def create(params, tx: optax.GradientTransformation, model_state=None) -> TrainS
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
-                    ema_decay: float, model_state=None) -> TrainState:
+                    ema_decay: float, model_state=None,
+                    trainable: Optional[Any] = None) -> TrainState:
+  """One optimizer step and the EMA update; `trainable` (a pytree of bools like the params)
+  leaves the EMA of frozen leaves as it is: their average would only gather round-off."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  if trainable is None:
+    trainable = jax.tree.map(lambda _: True, params)
+  ema = jax.tree.map(lambda e, p, t: ema_decay * e + (1.0 - ema_decay) * p if t else e,
+                     state.ema_params, params, trainable)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                        model_state=state.model_state if model_state is None else model_state)

@@ -104,3 +104,30 @@ def test_dual_step_is_mesh_invariant(tiny_config):
     want = np.concatenate([np.ravel(x) for x in jax.tree.leaves(want_params)])
     assert np.mean(~np.isclose(got, want, rtol=1e-3, atol=1e-5)) < 1e-3, shape
     np.testing.assert_array_less(np.abs(got - want), 2 * lr + 1e-6, err_msg=str(shape))
+
+
+def test_batched_graph_chains_equal_separate_calls(tiny_config):
+  """The dual step runs the graph denoiser's students (and its teachers, whose token
+  counts differ) as one interleaved batch; each row must equal its own call."""
+  config, model, batch = _setup(tiny_config, "sd3")
+  params, _ = jax.jit(lambda r, b: __import__("flax").linen.meta.unbox(model.init(r, b)))(
+      jax.random.key(0), batch)
+  gd = model.graph_den
+  b, n = batch["g3d_node_tag"].shape
+  keys = jax.random.split(jax.random.key(3), 8)
+  ids = lambda k: jax.random.randint(k, (b, n), 0, gd.num_codes + 2)  # noqa: E731
+  z_t, vsg, tsg = ids(keys[0]), ids(keys[1]), ids(keys[2])
+  t = jax.random.randint(keys[3], (b,), 1, config.diffusion.num_steps + 1)
+  drop = jax.random.bernoulli(keys[4], 0.3, (b,))
+  c_i, c_y = (jax.random.normal(k, (b, model.config.model.clip.embed_dim)) for k in keys[5:7])
+  dim = gd.teacher_dim
+  short, long = jax.random.normal(keys[7], (b, 3, dim)), jax.random.normal(keys[7], (b, 7, dim))
+  short_mask = np.ones((b, 3), bool)
+  long_mask = np.arange(7)[None] < np.arange(b)[:, None] % 7 + 1
+  for conds in ([(vsg, c_i), (tsg, c_y)],
+                [(vsg, c_i, short, short_mask), (tsg, c_y, long, long_mask)]):
+    batched = steps._graph_chains(model, params, z_t, t, drop, conds)
+    for got, cond in zip(batched, conds):
+      want, _ = gd.apply({"params": params["graph_den"]}, z_t, t, cond[0],
+                         cond[0] < gd.num_codes, *cond[1:], drop_cond=drop)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

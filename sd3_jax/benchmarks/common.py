@@ -49,6 +49,28 @@ def matmul_flops_per_second(size: int = 4096, steps: int = 20, warmup: int = 3) 
   return 2 * size ** 3 / statistics.median(matmul_times(size, steps, warmup))
 
 
+def interleaved_rates(fn: Callable[[], Any], flops: float, *, rounds: int, warmup: int = 2,
+                      size: int = 4096) -> dict[str, float]:
+  """Times fn() and the float32 size² matmul alternately, `rounds` times each.
+
+  A shared 2-core VM's speed drifts by ±15% over a minute, so a step timed now and a matmul
+  timed later give a noisy ratio; each round pairs the two back to back. Returns the median
+  step seconds, the median matmul FLOP/s and the median per-round fraction.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  matmul_times(size, steps=1, warmup=1)  # compiles the reference
+  step_s, matmul_rate, fraction = [], [], []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    step_s.append(time.perf_counter() - t0)
+    matmul_rate.append(2 * size ** 3 / min(matmul_times(size, steps=2, warmup=0)))
+    fraction.append(flops / step_s[-1] / matmul_rate[-1])
+  return {"step_s": statistics.median(step_s), "matmul_flops_per_s": statistics.median(matmul_rate),
+          "fraction": statistics.median(fraction)}
+
+
 def time_train_step(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *,
                     steps: int, warmup: int) -> dict[str, float]:
   """Compiles a donated AdamW step on `loss_fn(params, batch)` and times it.

@@ -5,10 +5,10 @@ Runs the real jitted, sharded, donated `(state, batch, rng) -> (state, metrics)`
 passes, L_dual, KL terms) on a synthetic batch with the default shapes, once on 1 CPU
 device and once on 8 forced CPU devices (each in its own process, since the device count
 is fixed when jax starts). FLOPs come from XLA's cost analysis of the compiled step; the
-reference is the same process's float32 4096² matmul.
+reference is the same process's float32 4096² matmul, timed right after each step.
 
   python -m sd3_jax.benchmarks.dual_step                 # both device counts
-  python -m sd3_jax.benchmarks.dual_step --devices=8 --steps=5
+  python -m sd3_jax.benchmarks.dual_step --devices=8 --steps=10
 """
 import argparse
 import json
@@ -77,8 +77,8 @@ def run_one(args) -> dict:
     holder["state"], metrics = compiled(holder["state"], batch, rng)
     return metrics
 
-  step_s = common.median_seconds(one_step, args.steps, warmup=2)
-  matmul = common.matmul_flops_per_second(steps=5, warmup=1)
+  rates = common.interleaved_rates(one_step, flops, rounds=args.steps)
+  step_s, matmul = rates["step_s"], rates["matmul_flops_per_s"]
   peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
           + memory.output_size_in_bytes - memory.alias_size_in_bytes) if memory else None
   return {"devices": jax.device_count(), "batch": config.data.batch_size,
@@ -87,7 +87,7 @@ def run_one(args) -> dict:
           "gflop_per_step": round(flops / 1e9, 2),
           "achieved_gflop_per_s": round(flops / step_s / 1e9, 2),
           "matmul_gflop_per_s": round(matmul / 1e9, 2),
-          "fraction_of_matmul": round(flops / step_s / matmul, 3),
+          "fraction_of_matmul": round(rates["fraction"], 3),
           "compile_s": round(compile_s, 1),
           "peak_memory_mib": round(peak / 2 ** 20, 1) if peak is not None else None}
 
@@ -96,7 +96,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="experiments/spatial_scenes.py")
   parser.add_argument("--devices", type=int, default=0, help="0: run 1 and 8 in subprocesses")
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=10,
+                      help="timed rounds (one step + one reference matmul each)")
   parser.add_argument("--text_vocab", type=int, default=256)
   parser.add_argument("--graph_vocab", type=int, default=32)
   parser.add_argument("--set", action="append", default=[],

@@ -32,13 +32,14 @@ def _terms(process: transitions.DiffusionProcess, model_log_x0, x0, x_t, t, mask
     mask = jnp.ones(x0.shape, bool)
   m, logits, x0, x_t = _sanitise(mask, model_log_x0, x0, x_t)
   t = jnp.asarray(t, jnp.int32)
-  log_x0 = jax.nn.log_softmax(logits[..., :process.num_classes].astype(jnp.float32), -1)
-  log_model = process.q_posterior_log(log_x0, x_t, t)
+  logits = logits[..., :process.num_classes].astype(jnp.float32)
+  log_model = process.q_posterior_log(logits, x_t, t)
   log_true = process.q_posterior_true_log(x0, x_t, t)
   kl = jnp.sum(jnp.exp(log_true) * (log_true - log_model), -1)
   nll = -jnp.take_along_axis(log_model, x0[..., None], -1)[..., 0]
   per_token = jnp.where((t == 1)[:, None], nll, kl)
-  ce = -jnp.take_along_axis(log_x0, x0[..., None], -1)[..., 0]
+  ce = (jax.nn.logsumexp(logits, -1)
+        - jnp.take_along_axis(logits, x0[..., None], -1)[..., 0])
   mf = m.astype(jnp.float32)
   return (jnp.sum(per_token * mf, -1), jnp.sum(ce * mf, -1),
           jnp.maximum(jnp.sum(mf, -1), 1.0))

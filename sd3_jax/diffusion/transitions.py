@@ -111,21 +111,27 @@ class DiffusionProcess:
 
   def q_probs_log(self, x0: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
     """log q(x_t | x_0) for real tokens x0 [B, L] at steps t [B] -> [B, L, C]."""
-    sc = self.sched
     t = jnp.asarray(t, jnp.int32)
-    zeros = jnp.zeros_like(t)
-    _, log_b, log_g, log_ab = self._coefs(zeros, t)
-    k = jnp.arange(self.num_classes)
-    out = jnp.where(k == x0[..., None], log_ab, log_b)
-    if self.has_mask:
-      mask = jnp.broadcast_to(sc.log_gamma_bar[t][:, None, None], x0.shape + (1,))
-      out = jnp.concatenate([out, mask], axis=-1)
-    return out
+    return self._marginal_log(x0, jnp.zeros_like(t), t)
 
   def q_sample(self, key: jax.Array, x0: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-    """Samples x_t ~ q(x_t | x_0); returns int32 tokens [B, L] in [0, C)."""
-    logits = self.q_probs_log(x0, t)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    """Samples x_t ~ q(x_t | x_0); returns int32 tokens [B, L] in [0, C).
+
+    q(x_t | x_0) = a·e(x_0) + b·1 + g·e([MASK]) with a + K·b + g = 1, so one uniform draw
+    picks [MASK] (probability g), a uniformly random code (K·b; it may be x_0 itself) or
+    x_0 (a): two random numbers per token where a categorical over the C states needs C.
+    """
+    sc = self.sched
+    t = jnp.asarray(t, jnp.int32)
+    per_example = lambda table: table[t].reshape(t.shape + (1,) * (x0.ndim - t.ndim))  # noqa: E731
+    g, kb = per_example(sc.gamma_bar), self.num_classes * per_example(sc.beta_bar)
+    k_pick, k_code = jax.random.split(key)
+    u = jax.random.uniform(k_pick, x0.shape)
+    random_code = jax.random.randint(k_code, x0.shape, 0, self.num_classes)
+    x_t = jnp.where(u < g + kb, random_code, x0)
+    if self.has_mask:
+      x_t = jnp.where(u < g, self.mask_id, x_t)
+    return x_t.astype(jnp.int32)
 
   def prior_log(self, shape: tuple[int, ...]) -> jnp.ndarray:
     """log p(x_T): q(x_T | x_0) averaged over a uniform x_0, shape + (C,)."""
@@ -158,21 +164,49 @@ class DiffusionProcess:
     t = jnp.asarray(t, jnp.int32)
     t_prev = t - 1 if t_prev is None else jnp.asarray(t_prev, jnp.int32)
     zeros = jnp.zeros_like(t)
-    log_p = jax.nn.log_softmax(log_x0[..., :self.num_classes].astype(jnp.float32), -1)
-    # 1. Divide p(x0) by q(x_t | x0) (as a function of x0).
+    # 1. Divide p(x0) by q(x_t | x0) (as a function of x0) and normalise: w(x0). One
+    #    normalisation covers p's own, so log_x0 may be raw logits.
     log_q = self._likelihood(x_t, zeros, t)[..., :self.num_classes]
-    log_w = jnp.where(log_q <= LOG_ZERO + _ZERO_TOL, _NEG, log_p - log_q)
-    log_w = log_w - _logsumexp(log_w)
+    log_w = jnp.where(log_q <= LOG_ZERO + _ZERO_TOL, _NEG,
+                      log_x0[..., :self.num_classes].astype(jnp.float32) - log_q)
+    log_w = jax.nn.log_softmax(log_w, -1)
+    # 2. Push w through the cumulative kernel at t' (w sums to 1 over the real codes, which
+    #    is `forward_log` without its sum); 3. multiply by q(x_t | x_{t'}).
+    log_a, log_b, log_g, _ = self._coefs(zeros, t_prev)
+    out = jnp.logaddexp(log_a + log_w, log_b)
     if self.has_mask:
-      log_w = jnp.concatenate([log_w, jnp.full_like(log_w[..., :1], _NEG)], -1)
-    # 2. Push through the cumulative kernel at t'; 3. multiply by q(x_t | x_{t'}).
-    out = self.forward_log(log_w, zeros, t_prev) + self._likelihood(x_t, t_prev, t)
+      out = jnp.concatenate([out, jnp.broadcast_to(log_g, out.shape[:-1] + (1,))], -1)
+    out = out + self._likelihood(x_t, t_prev, t)
     # 4. Normalise (the sum is 1 up to the dropped, inconsistent x0).
     out = out - _logsumexp(out)
     return jnp.maximum(out, LOG_ZERO)
 
   def q_posterior_true_log(self, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray,
                            t_prev: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-    """The true posterior log q(x_{t'} | x_t, x0) for real tokens x0 [B, L]."""
-    exact = jnp.where(jax.nn.one_hot(x0, self.num_classes, dtype=bool), 0.0, _NEG)
-    return self.q_posterior_log(exact, x_t, t, t_prev)
+    """The true posterior log q(x_{t'} | x_t, x0) for real tokens x0 [B, L], by Bayes:
+    q(x_{t'} = k | x0) q(x_t | x_{t'} = k) / q(x_t | x0), each factor in closed form, so
+    no reduction over the C states (the losses call this on every token).
+
+    x_t must be reachable from x0 (q(x_t | x0) > 0), as every x_t drawn by `q_sample` is.
+    """
+    t = jnp.asarray(t, jnp.int32)
+    t_prev = t - 1 if t_prev is None else jnp.asarray(t_prev, jnp.int32)
+    zeros = jnp.zeros_like(t)
+    # log q(x_{t'} = k | x0) over the C states; log q(x_t | x0) is the same kernel's
+    # (0 -> t) entry at k = x_t.
+    prior = self._marginal_log(x0, zeros, t_prev)
+    _, log_b, log_g, log_ab = self._coefs(zeros, t)
+    x0, x_t = x0[..., None], x_t[..., None]
+    evidence = jnp.where(x_t == x0, log_ab, log_b)
+    if self.has_mask:
+      evidence = jnp.where(x_t == self.num_classes, log_g, evidence)
+    out = prior + self._likelihood(x_t[..., 0], t_prev, t) - evidence
+    return jnp.maximum(out, LOG_ZERO)
+
+  def _marginal_log(self, x0: jnp.ndarray, s: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """log q(x_t = k | x_s = x0) for every state k, [B, L, C] (x0 real)."""
+    _, log_b, log_g, log_ab = self._coefs(s, t)
+    real = jnp.where(jnp.arange(self.num_classes) == x0[..., None], log_ab, log_b)
+    if not self.has_mask:
+      return real
+    return jnp.concatenate([real, jnp.broadcast_to(log_g, x0.shape + (1,))], axis=-1)

@@ -135,9 +135,9 @@ class GraphSelfAttention(nn.Module):
     b, n, d = x.shape
     h = self.num_heads
     hd = d // h
-    qkv = layers.DenseGeneral((3, h, hd), ("embed", None, "heads", "kv"), dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = layers.DenseGeneral((3, h, hd), ("embed", None, "heads", "kv"), unstack_axis=0,
+                                  dtype=self.dtype, param_dtype=self.param_dtype,
+                                  name="qkv")(x)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     k = constrain(k, ("batch", "length", "heads", "kv"))
     v = constrain(v, ("batch", "length", "heads", "kv"))

@@ -63,10 +63,14 @@ class DenseGeneral(nn.Module):
     features: output shape (int or tuple).
     kernel_axes: logical names of the kernel, input axes first, then the output axes.
     num_in_axes: how many trailing input axes are contracted.
+    unstack_axis: if set, an axis of `features` whose slices are returned as a tuple, each
+      from its own matmul (a fused q/k/v projection whose parts come out contiguous:
+      slicing one [.., 3, H, hd] output costs a strided copy per part).
   """
   features: Any
   kernel_axes: Tuple[Optional[str], ...]
   num_in_axes: int = 1
+  unstack_axis: Optional[int] = None
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.xavier_uniform()
   bias_init: Callable = nn.initializers.zeros_init()
@@ -90,9 +94,18 @@ class DenseGeneral(nn.Module):
         self.bias_init, self.kernel_axes[n_in:]), features, self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(
-        x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
-    return y + bias if bias is not None else y
+
+    def project(kernel, bias):
+      y = jax.lax.dot_general(
+          x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+      return y + bias if bias is not None else y
+
+    if self.unstack_axis is None:
+      return project(kernel, bias)
+    axis = self.unstack_axis
+    return tuple(project(jnp.take(kernel, i, axis=n_in + axis),
+                         None if bias is None else jnp.take(bias, i, axis=axis))
+                 for i in range(features[axis]))
 
 
 def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
@@ -189,18 +202,16 @@ class MultiHeadAttention(nn.Module):
     d = x.shape[-1]
     h = self.num_heads
     hd = self.head_dim or d // h
-    def dense(features, names, name):
-      return DenseGeneral(features, names, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=name)
+    def dense(features, names, name, unstack_axis=None):
+      return DenseGeneral(features, names, unstack_axis=unstack_axis, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
 
     if context is None:
-      qkv = dense((3, h, hd), ("embed", None, "heads", "kv"), "qkv")(x)
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      q, k, v = dense((3, h, hd), ("embed", None, "heads", "kv"), "qkv", 0)(x)
       kv_axes = ("batch", "length", "heads", "kv")
     else:
       q = dense((h, hd), ("embed", "heads", "kv"), "query")(x)
-      kv = dense((2, h, hd), ("cond_embed", None, "heads", "kv"), "kv")(context)
-      k, v = kv[:, :, 0], kv[:, :, 1]
+      k, v = dense((2, h, hd), ("cond_embed", None, "heads", "kv"), "kv", 0)(context)
       kv_axes = ("batch", "cond_length", "heads", "kv")
     q = constrain(q, ("batch", "length", "heads", "kv"))
     k = constrain(k, kv_axes)

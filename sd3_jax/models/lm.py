@@ -208,8 +208,10 @@ class CausalLM(nn.Module):
 
 def token_log_likelihood(logits: Array, tokens: Array, mask: Optional[Array]) -> Array:
   """Σ over real positions of log_softmax(logits)[token] -> [B]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  ll = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  # logsumexp and one gather: the full log_softmax array is never needed.
+  ll = (jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        - jax.nn.logsumexp(logits, axis=-1))
   if mask is not None:
     ll = jnp.where(mask.astype(bool), ll, 0.0)
   return jnp.sum(ll, axis=-1)
