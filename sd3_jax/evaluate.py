@@ -151,6 +151,7 @@ def _graph_metrics(model, config, params, model_state, mesh):
   fns = {prefix: jax.jit(lambda p, b, k, prefix=prefix: generate_from(p, b, prefix, k))
          for prefix in ("vsg", "tsg")}
   counts = {k: [0, 0] for k in ("vsg_initial", "tsg_initial", "vsg_to_3d", "tsg_to_3d")}
+  generated = {"vsg_to_3d": 0, "tsg_to_3d": 0}  # triples, for precision
   for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, "val",
                                                        config.eval.num_samples)):
     valid = np.asarray(host["valid"])
@@ -167,7 +168,10 @@ def _graph_metrics(model, config, params, model_state, mesh):
         h, t = graphs_lib.triple_recall(pred, gold)
         counts[f"{prefix}_to_3d"][0] += h
         counts[f"{prefix}_to_3d"][1] += t
-  return {f"graph/trirec_{k}": h / max(t, 1) for k, (h, t) in counts.items()}
+        generated[f"{prefix}_to_3d"] += len(pred.triples())
+  out = {f"graph/trirec_{k}": h / max(t, 1) for k, (h, t) in counts.items()}
+  out.update({f"graph/triprec_{k}": counts[k][0] / max(n, 1) for k, n in generated.items()})
+  return out
 
 
 def make_generators(model, config, mesh):
@@ -265,18 +269,20 @@ def graph_counts(pred_padded: dict, gold_padded: dict,
   node: tag (hence type) accuracy on the gold real nodes, slot by slot (the graph chain
   generates the gold's DGAE slots); edge: typed-edge accuracy on the gold edges, same
   slots; trirec: (subject, relation, object) tag triples of the gold found in the
-  generated graph, alignment-free (`graphs.triple_recall`).
+  generated graph, alignment-free (`graphs.triple_recall`); triprec: the generated triples
+  found in the gold (precision: recall alone rewards graphs bloated with extra nodes).
   """
   counts = jax.device_get(_node_edge_accuracy(pred_padded, gold_padded))
   out = {"node": tuple(int(x) for x in counts["node_tag"]),
          "edge": tuple(int(x) for x in counts["edge_pos"])}
-  hits = total = 0
+  hits = total = generated = 0
   for b in range(len(gold_padded["node_mask"])):
     pred = graphs_lib.unpad_graph({k: v[b] for k, v in pred_padded.items()}, vocab)
     gold = graphs_lib.unpad_graph({k: v[b] for k, v in gold_padded.items()}, vocab)
     h, t = graphs_lib.triple_recall(pred, gold)
-    hits, total = hits + h, total + t
+    hits, total, generated = hits + h, total + t, generated + len(pred.triples())
   out["trirec"] = (hits, total)
+  out["triprec"] = (hits, generated)
   return out
 
 
@@ -418,7 +424,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
   image_hits, caption_hits, prompt_triples, caption_triples = [], [], [], []
   trirec = {"gen": [0, 0], "real": [0, 0]}
   graph_totals = {f"{k}_from_{p}": [0, 0] for p in ("tsg", "vsg")
-                  for k in ("node", "edge", "trirec")}
+                  for k in ("node", "edge", "trirec", "triprec")}
   prompts, captions, refs_all, golds_all, images_all, real_all = [], [], [], [], [], []
   seen = 0
   for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, ev.split,
@@ -489,7 +495,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
   unavailable.update(text_unavailable)
   for name, (c, t) in graph_totals.items():
     kind, _, prefix = name.partition("_from_")
-    key = f"graph/{kind if kind == 'trirec' else kind + '_acc'}_from_{prefix}"
+    key = f"graph/{kind if kind.startswith('tri') else kind + '_acc'}_from_{prefix}"
     result[key] = c / max(t, 1) if flags["graph"] else None
     if not flags["graph"]:
       unavailable[key] = f"variant {config.variant} has no 3DSG"

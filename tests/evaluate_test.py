@@ -94,7 +94,8 @@ def test_graph_counts_exact(tiny_config):
   edges = sum(g.num_edges for g in golds)
   triples = sum(len(g.triples()) for g in golds)
   assert evaluate.graph_counts(gold, gold, vocab) == {
-      "node": (nodes, nodes), "edge": (edges, edges), "trirec": (triples, triples)}
+      "node": (nodes, nodes), "edge": (edges, edges), "trirec": (triples, triples),
+      "triprec": (triples, triples)}
 
   pred = {k: np.array(v) for k, v in gold.items()}
   attr = next(i for i, (t, _) in enumerate(golds[0].nodes) if t == "attribute")
@@ -105,7 +106,7 @@ def test_graph_counts_exact(tiny_config):
   pred["adjacency"][1, subj, rel] = 0
   assert evaluate.graph_counts(pred, gold, vocab) == {
       "node": (nodes - 1, nodes), "edge": (edges - 1, edges),
-      "trirec": (triples - 1, triples)}
+      "trirec": (triples - 1, triples), "triprec": (triples - 1, triples - 1)}
 
 
 def test_image_metrics_identical_sets():
@@ -153,7 +154,7 @@ def test_spatial_eval_end_to_end(tiny_config, tmp_path):
   assert result["num_samples"] == config.eval.num_samples
   fractions = ["st2i/spatial_acc", "si2t/spatial_acc", "st2i/trirec", "st2i/trirec_real",
                "si2t/bleu4", "si2t/trirec"] + [
-                   f"graph/{k}_from_{p}" for k in ("node_acc", "edge_acc", "trirec")
+                   f"graph/{k}_from_{p}" for k in ("node_acc", "edge_acc", "trirec", "triprec")
                    for p in ("tsg", "vsg")]
   for key in fractions:
     assert 0.0 <= result[key] <= 1.0, key
