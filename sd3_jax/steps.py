@@ -137,13 +137,6 @@ def loss_2(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   return loss, (model_state, {"loss": loss, "v_rec": v_rec, "t_dec": t_dec})
 
 
-def _graph_chain(model, params, z_t, t, cond_ids, global_feat, drop, teacher=None,
-                 teacher_mask=None):
-  cond_mask = cond_ids < model.graph_den.num_codes
-  return model.graph_den.apply({"params": params["graph_den"]}, z_t, t, cond_ids, cond_mask,
-                               global_feat, teacher, teacher_mask, drop_cond=drop)
-
-
 def _graph_chains(model, params, z_t, t, drop, conds):
   """The graph denoiser on one z_t under several conditions, as one batched call.
 
@@ -161,9 +154,11 @@ def _graph_chains(model, params, z_t, t, drop, conds):
     pad = lambda x: jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     teacher = interleave([pad(c[2]) for c in conds])
     teacher_mask = interleave([pad(c[3].astype(bool)) for c in conds])
-  logits, _ = _graph_chain(model, params, jnp.repeat(z_t, n, 0), jnp.repeat(t, n, 0),
-                           interleave([c[0] for c in conds]), interleave([c[1] for c in conds]),
-                           jnp.repeat(drop, n, 0), teacher, teacher_mask)
+  cond_ids = interleave([c[0] for c in conds])
+  logits, _ = model.graph_den.apply(
+      {"params": params["graph_den"]}, jnp.repeat(z_t, n, 0), jnp.repeat(t, n, 0), cond_ids,
+      cond_ids < model.graph_den.num_codes, interleave([c[1] for c in conds]), teacher,
+      teacher_mask, drop_cond=jnp.repeat(drop, n, 0))
   logits = logits.reshape((-1, n) + logits.shape[1:])
   return [logits[:, i] for i in range(n)]
 
