@@ -47,12 +47,18 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
                     ema_decay: float, model_state=None,
                     trainable: Optional[Any] = None) -> TrainState:
   """One optimizer step and the EMA update; `trainable` (a pytree of bools like the params)
-  leaves the EMA of frozen leaves as it is: their average would only gather round-off."""
+  leaves the EMA of frozen leaves as it is: their average would only gather round-off.
+
+  The decay warms up, min(ema_decay, (1 + n) / (10 + n)) at update n: with a fixed 0.99 a
+  60-step stage would hand on an average that is still 55% its starting weights.
+  """
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if trainable is None:
     trainable = jax.tree.map(lambda _: True, params)
-  ema = jax.tree.map(lambda e, p, t: ema_decay * e + (1.0 - ema_decay) * p if t else e,
+  n = state.step.astype(jnp.float32)
+  decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+  ema = jax.tree.map(lambda e, p, t: decay * e + (1.0 - decay) * p if t else e,
                      state.ema_params, params, trainable)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                        model_state=state.model_state if model_state is None else model_state)
