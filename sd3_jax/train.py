@@ -239,7 +239,7 @@ def run(config, workdir) -> dict:
                 periodic=sheets, periodic_every=config.train.sample_every_steps,
                 config_json=config_json)
     # The next stage starts from the EMA parameters: they are what the stage's metrics
-    # measure (a raw stage-3 graph denoiser scores ~10x lower TriRec than its EMA).
+    # measure and what the final evaluation of a network frozen after this stage uses.
     params, model_state = state.ema_params, state.model_state
     stage_seconds[stage] = round(time.perf_counter() - start, 1)
     held_out = ({} if config.mode == "sample" else
