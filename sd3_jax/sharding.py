@@ -69,6 +69,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def steps_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches stacked for several train steps [n, B, ...]: the batch axis (1) as above."""
+  return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -85,3 +90,14 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+
+
+def to_global_steps(batches: Sequence[dict], mesh: Mesh) -> dict:
+  """Host-local batches of consecutive train steps -> global arrays [n, B, ...].
+
+  The batch axis (1) is sharded as in `to_global`; the step axis (0) is not.
+  """
+  sharding = steps_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(
+              sharding, np.stack([np.asarray(b[k]) for b in batches]))
+          for k, v in batches[0].items() if np.asarray(v).dtype.kind in "biuf"}

@@ -125,10 +125,9 @@ def _single_process_metrics(config, vocab, num_steps):
                                state_sharding, mesh)
   batches = _GlobalBatches(config, TRAIN_SEED)
   rows = []
-  for step in range(1, num_steps + 1):
-    state, metrics = step_fn(state, sharding.to_global(next(batches), mesh),
-                             jax.random.fold_in(rng, step))
-    rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+  for _ in range(num_steps):
+    state, metrics = step_fn(state, sharding.to_global_steps([next(batches)], mesh), rng)
+    rows.append({k: float(v[0]) for k, v in jax.device_get(metrics).items()})
   return rows
 
 

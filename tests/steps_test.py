@@ -82,9 +82,9 @@ def _two_dual_steps(config, model, host_batch, mesh):
   state, state_sharding = train.make_state(config, mesh, tx, params, model_state, abstract)
   step = train.compile_step(steps.make_train_step(model, config, "4", tx), state_sharding, mesh)
   losses = []
-  for i in range(2):
-    state, metrics = step(state, batch, jax.random.fold_in(rng, i))
-    losses.append(float(metrics["loss"]))
+  for _ in range(2):
+    state, metrics = step(state, sharding.to_global_steps([host_batch], mesh), rng)
+    losses.append(float(metrics["loss"][0]))
   return losses, jax.device_get(state.params)
 
 

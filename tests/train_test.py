@@ -51,8 +51,10 @@ _SCRIPT = textwrap.dedent("""
     hook = (lambda step, s: os.kill(os.getpid(), sig)) if kill_at else None
     state = train.fit(stage="toy", step_fn=step_fn, state=state, state_sharding=state_sh,
         batches=Batches(), mesh=mesh, workdir=workdir, num_steps=num_steps, batch_size=8,
-        rng=jax.random.key(0), log_every=1, checkpoint_every=2, periodic=hook,
-        periodic_every=kill_at, resume_dir=args.get("resume_dir"))
+        rng=jax.random.key(0), log_every=args.get("log_every", 1),
+        checkpoint_every=args.get("checkpoint_every", 2), periodic=hook,
+        periodic_every=kill_at, substeps=args.get("substeps", 1),
+        resume_dir=args.get("resume_dir"))
     assert state.params["w"].sharding == w_sh, state.params["w"].sharding
     print(json.dumps(np.asarray(state.params["w"]).tolist()))
 """)
@@ -109,3 +111,25 @@ def test_resume_from_another_workdir_continues_that_run(tmp_path):
   assert re.search(rf"resumed at step [24] from {tmp_path / 'b'}", moved.stdout)
   np.testing.assert_array_equal(_weights(moved), straight)
   assert (tmp_path / "c" / "checkpoints" / "toy" / "7").is_dir()
+
+
+def test_substeps_give_the_one_step_per_call_result(tmp_path):
+  """Several steps per compiled call (a scan), calls ending at log/checkpoint steps: the
+  same weights as one step per call, logs and checkpoints at the same steps."""
+  straight = _weights(_run(tmp_path / "a", 7))
+  chunked = _run(tmp_path / "b", 7, substeps=3, log_every=4, checkpoint_every=4)
+  np.testing.assert_allclose(_weights(chunked), straight, rtol=1e-6, atol=1e-7)
+  assert re.findall(r"\[toy\] step (\d+)/", chunked.stdout) == ["4", "7"]
+  saved = sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints" / "toy").iterdir()
+                 if p.name.isdigit())
+  assert saved == [4, 7]
+
+
+def test_substeps_resume_after_sigkill_equals_uninterrupted(tmp_path):
+  straight = _weights(_run(tmp_path / "a", 7))
+  chunked = dict(substeps=3, log_every=4, checkpoint_every=4)
+  killed = _run(tmp_path / "b", 7, kill_at=6, **chunked)  # calls: 1-3, 4, 5-6 (killed)
+  assert killed.returncode == -9
+  resumed = _run(tmp_path / "b", 7, **chunked)
+  assert re.search(r"\[toy\] resumed at step 4 ", resumed.stdout)
+  np.testing.assert_allclose(_weights(resumed), straight, rtol=1e-6, atol=1e-7)

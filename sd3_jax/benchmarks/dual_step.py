@@ -2,9 +2,10 @@
 
 Runs the real jitted, sharded, donated `(state, batch, rng) -> (state, metrics)` of
 `steps.make_train_step(..., "4", ...)` (variant sd3: image, text and four graph-denoiser
-passes, L_dual, KL terms) on a synthetic batch with the default shapes, once on 1 CPU
-device and once on 8 forced CPU devices (each in its own process, since the device count
-is fixed when jax starts). FLOPs come from XLA's cost analysis of the compiled step; the
+passes, L_dual, KL terms) as `train.fit` runs it (`train.substeps` steps per compiled
+call), on a synthetic batch with the default shapes, once on 1 CPU device and once on 8
+forced CPU devices (each in its own process, since the device count is fixed when jax
+starts). FLOPs come from XLA's cost analysis of the compiled step; the
 reference is the same process's float32 4096² matmul, timed right after each step.
 
   python -m sd3_jax.benchmarks.dual_step                 # both device counts
@@ -58,30 +59,38 @@ def run_one(args) -> dict:
     node[leaf] = type(node[leaf])(eval(value)) if not isinstance(node[leaf], str) else value
   model = sd3_lib.SD3(config, text_vocab_size=args.text_vocab, graph_vocab_size=args.graph_vocab)
   mesh = sharding.make_mesh(config.mesh)
-  batch = sharding.to_global(_synthetic_batch(config, args.graph_vocab, args.text_vocab), mesh)
+  host_batch = _synthetic_batch(config, args.graph_vocab, args.text_vocab)
+  batch = sharding.to_global(host_batch, mesh)
   rng = jax.random.key(0)
   params, model_state, abstract = train.init_model(model, config, mesh, batch, rng)
   tx = train_state.make_optimizer(train._stage_optim(config, "4"), steps.trainable_mask("4"))
   state, state_sharding = train.make_state(config, mesh, tx, params, model_state, abstract)
   jitted = train.compile_step(steps.make_train_step(model, config, "4", tx), state_sharding,
                               mesh)
+  # What `train.fit` runs: `substeps` steps per compiled call.
+  substeps = config.train.substeps
+  calls = sharding.to_global_steps([host_batch] * substeps, mesh)
   start = time.perf_counter()
-  compiled = jitted.lower(state, batch, rng).compile()
+  compiled = jitted.lower(state, calls, rng).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  # XLA's cost analysis of an SPMD program counts one partition: scale to the whole step.
-  flops = common.compiled_flops(compiled) * jax.device_count()
+  # XLA's cost analysis counts a loop body once and one partition of an SPMD program:
+  # count one step (a 1-step scan is inlined) and scale to the whole mesh.
+  one_step = jitted.lower(state, sharding.to_global_steps([host_batch], mesh), rng).compile()
+  flops = common.compiled_flops(one_step) * jax.device_count()
   holder = {"state": state}
 
-  def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch, rng)
+  def one_call():
+    holder["state"], metrics = compiled(holder["state"], calls, rng)
     return metrics
 
-  rates = common.interleaved_rates(one_step, flops, rounds=args.steps)
+  rates = common.interleaved_rates(one_call, flops * substeps, rounds=args.steps)
+  rates["step_s"] /= substeps
   step_s, matmul = rates["step_s"], rates["matmul_flops_per_s"]
   peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
           + memory.output_size_in_bytes - memory.alias_size_in_bytes) if memory else None
   return {"devices": jax.device_count(), "batch": config.data.batch_size,
+          "substeps": substeps,
           "ms_per_step": round(1e3 * step_s, 1),
           "examples_per_s": round(config.data.batch_size / step_s, 1),
           "gflop_per_step": round(flops / 1e9, 2),
@@ -97,7 +106,7 @@ def main(argv=None):
   parser.add_argument("--config", default="experiments/spatial_scenes.py")
   parser.add_argument("--devices", type=int, default=0, help="0: run 1 and 8 in subprocesses")
   parser.add_argument("--steps", type=int, default=10,
-                      help="timed rounds (one step + one reference matmul each)")
+                      help="timed rounds (one call of `substeps` steps + one reference matmul)")
   parser.add_argument("--text_vocab", type=int, default=256)
   parser.add_argument("--graph_vocab", type=int, default=32)
   parser.add_argument("--set", action="append", default=[],
