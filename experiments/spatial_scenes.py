@@ -13,9 +13,9 @@ import ml_collections
 from sd3_jax import config_lib
 
 
-def _stage(num_steps, lr, warmup_steps=50, weight_decay=1e-4):
+def _stage(num_steps, lr, warmup_steps=50, weight_decay=1e-4, substeps=1):
   return ml_collections.ConfigDict(dict(num_steps=num_steps, lr=lr, warmup_steps=warmup_steps,
-                                        weight_decay=weight_decay))
+                                        weight_decay=weight_decay, substeps=substeps))
 
 
 def get_config(arg=None):
@@ -90,12 +90,16 @@ def get_config(arg=None):
                                                 end_lr_factor=0.1, ema_decay=0.99))
   # Sized so the whole default job fits ~15 minutes on 2 CPU cores; scale up on accelerators.
   # Each stage also pays ~30-40 s of compilation and held-out evaluation on 2 CPU cores.
+  # `substeps`: train steps per compiled call (a lax.scan, same results; calls also end at
+  # log/checkpoint/sample steps). Each XLA:CPU call maps and zeroes a fresh temp arena
+  # (780 MiB for the dual step), so 5 per call make stages 1, 3 and 4 15-40% faster; stages
+  # that train convolutions keep 1 (XLA:CPU's conv weight gradients in a loop are ~25x slower).
   config.stage0a = _stage(270, 2e-3)  # VQ-VAE
   config.stage0b = _stage(100, 1e-3)  # contrastive encoders + marginal priors p̂(y), p̂(i)
-  config.stage1 = _stage(150, 2e-3)  # DGAE
+  config.stage1 = _stage(150, 2e-3, substeps=5)  # DGAE
   config.stage2 = _stage(80, 1e-3)  # G_V adapter + G_T
-  config.stage3 = _stage(100, 1e-3)  # graph diffusion
-  config.stage4 = _stage(100, 1e-3, warmup_steps=20, weight_decay=1e-2)  # dual
+  config.stage3 = _stage(100, 1e-3, substeps=5)  # graph diffusion
+  config.stage4 = _stage(100, 1e-3, warmup_steps=20, weight_decay=1e-2, substeps=5)  # dual
 
   # Stage-4 loss weights (the variant switches terms off, see sd3_jax/steps.py).
   config.loss = loss = ml_collections.ConfigDict()
@@ -109,10 +113,6 @@ def get_config(arg=None):
 
   config.train = ml_collections.ConfigDict(dict(
       log_every_steps=25, checkpoint_every_steps=100, keep_checkpoints=2,
-      # Train steps per compiled call (a lax.scan; same results as one per call). On CPU
-      # each call maps and zeroes a fresh temp arena (780 MiB for the dual step): 5 steps
-      # per call make the dual step ~15% faster. Calls also end at log/checkpoint steps.
-      substeps=5,
       # Stage-4 sample sheets (ST2I, SI2T, 3DSG drawings) every N steps; 0: only the final
       # evaluation's grids (each sheet costs a sampler compile + run).
       sample_every_steps=0))

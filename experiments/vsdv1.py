@@ -62,9 +62,10 @@ def get_config(arg=None):
   config.stage2.update(num_steps=50_000, lr=1e-4, warmup_steps=2_000)
   config.stage3.update(num_steps=100_000, lr=1e-4, warmup_steps=5_000)
   config.stage4.update(num_steps=200_000, lr=5e-5, warmup_steps=10_000, weight_decay=1e-2)
-  # Accelerators' allocators keep their memory between calls, so one step per call.
-  config.train.update(log_every_steps=100, checkpoint_every_steps=2_000, sample_every_steps=10_000,
-                      substeps=1)
+  config.train.update(log_every_steps=100, checkpoint_every_steps=2_000, sample_every_steps=10_000)
+  for stage in ("0a", "0b", "1", "2", "3", "4"):
+    # Accelerators' allocators keep their memory between calls: one step per call.
+    config[f"stage{stage}"].substeps = 1
   config.eval.update(num_samples=5_000, sampling_steps=100, batch_size=256)
   config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   return config

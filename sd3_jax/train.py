@@ -55,12 +55,18 @@ def multi_step(step_fn: Callable) -> Callable:
 
   Why: every executable call gets a fresh temp arena from XLA:CPU, mapped, page-faulted
   and zeroed by the kernel each time (780 MiB for the default dual step, ~0.3 CPU-s per
-  call); a scan of n steps pays that once. With n = 1 it is the plain step.
+  call); a scan of n steps pays that once. n = 1 runs the plain step, with no loop: inside
+  one, XLA:CPU emits convolution weight gradients with its naive loop emitter (~25x slower),
+  which is why the stages that train convolutions keep `substeps=1`.
   """
+  def one(state, batch, rng):
+    return step_fn(state, batch, jax.random.fold_in(rng, state.step + 1))
+
   def run(state, batches, rng):
-    def one(state, batch):
-      return step_fn(state, batch, jax.random.fold_in(rng, state.step + 1))
-    return jax.lax.scan(one, state, batches)
+    if jax.tree.leaves(batches)[0].shape[0] == 1:
+      state, metrics = one(state, jax.tree.map(lambda x: x[0], batches), rng)
+      return state, jax.tree.map(lambda x: x[None], metrics)
+    return jax.lax.scan(lambda state, batch: one(state, batch, rng), state, batches)
   return run
 
 
@@ -99,6 +105,8 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
   runs up to `substeps` steps (intervals that are not multiples of it cost one more compile
   per distinct call length); the results are those of one step per call.
   """
+  if substeps < 1:
+    raise ValueError(f"[{stage}] substeps must be >= 1, got {substeps}")
   workdir = pathlib.Path(workdir)
   manager = checkpointing.make_manager(workdir / "checkpoints" / stage,
                                        max_to_keep=keep_checkpoints)
@@ -132,7 +140,7 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
   intervals = (log_every, checkpoint_every, periodic_every if periodic is not None else 0)
   with _Preemption() as preemption:
     while step < num_steps:
-      n = _steps_in_call(step, num_steps, max(1, substeps), intervals)
+      n = _steps_in_call(step, num_steps, substeps, intervals)
       batch = sharding_lib.to_global_steps([next(batches) for _ in range(n)], mesh)
       state, call_metrics = jitted(state, batch, rng)
       step += n
@@ -268,7 +276,7 @@ def run(config, workdir) -> dict:
                 keep_checkpoints=config.train.keep_checkpoints, writer=writer,
                 train=config.mode == "train", resume_dir=config.resume,
                 periodic=sheets, periodic_every=config.train.sample_every_steps,
-                substeps=config.train.substeps, config_json=config_json)
+                substeps=optim.substeps, config_json=config_json)
     # The next stage starts from the EMA parameters: they are what the stage's metrics
     # measure and what the final evaluation of a network frozen after this stage uses.
     params, model_state = state.ema_params, state.model_state

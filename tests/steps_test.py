@@ -74,7 +74,7 @@ def test_stages_follow_the_variant(tiny_config):
     steps.stages_to_run(config)
 
 
-def _two_dual_steps(config, model, host_batch, mesh):
+def _two_dual_steps(config, model, host_batch, mesh, steps_per_call=1):
   batch = sharding.to_global(host_batch, mesh)
   rng = jax.random.key(0)
   params, model_state, abstract = train.init_model(model, config, mesh, batch, rng)
@@ -82,10 +82,22 @@ def _two_dual_steps(config, model, host_batch, mesh):
   state, state_sharding = train.make_state(config, mesh, tx, params, model_state, abstract)
   step = train.compile_step(steps.make_train_step(model, config, "4", tx), state_sharding, mesh)
   losses = []
-  for _ in range(2):
-    state, metrics = step(state, sharding.to_global_steps([host_batch], mesh), rng)
-    losses.append(float(metrics["loss"][0]))
+  for _ in range(2 // steps_per_call):
+    state, metrics = step(state, sharding.to_global_steps([host_batch] * steps_per_call, mesh),
+                          rng)
+    losses.extend(float(x) for x in metrics["loss"])
   return losses, jax.device_get(state.params)
+
+
+def test_dual_steps_in_one_call_equal_one_per_call(tiny_config):
+  """`substeps`: two dual steps in one compiled call (a scan) = two calls of one step."""
+  config, model, host_batch = _setup(tiny_config, "sd3")
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 1), ("tensor", 1)], jax.devices()[:2])
+  want_losses, want_params = _two_dual_steps(config, model, host_batch, mesh)
+  losses, params = _two_dual_steps(config, model, host_batch, mesh, steps_per_call=2)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
 def test_dual_step_is_mesh_invariant(tiny_config):

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -133,3 +134,10 @@ def test_substeps_resume_after_sigkill_equals_uninterrupted(tmp_path):
   resumed = _run(tmp_path / "b", 7, **chunked)
   assert re.search(r"\[toy\] resumed at step 4 ", resumed.stdout)
   np.testing.assert_allclose(_weights(resumed), straight, rtol=1e-6, atol=1e-7)
+
+
+def test_substeps_below_one_is_a_clear_error(tmp_path):
+  from sd3_jax import train
+  with pytest.raises(ValueError, match=r"\[toy\] substeps must be >= 1, got 0"):
+    train.fit(stage="toy", step_fn=None, state=None, state_sharding=None, batches=None,
+              mesh=None, workdir=tmp_path, num_steps=1, batch_size=1, rng=None, substeps=0)

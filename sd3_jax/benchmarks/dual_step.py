@@ -2,7 +2,7 @@
 
 Runs the real jitted, sharded, donated `(state, batch, rng) -> (state, metrics)` of
 `steps.make_train_step(..., "4", ...)` (variant sd3: image, text and four graph-denoiser
-passes, L_dual, KL terms) as `train.fit` runs it (`train.substeps` steps per compiled
+passes, L_dual, KL terms) as `train.fit` runs it (`stage4.substeps` steps per compiled
 call), on a synthetic batch with the default shapes, once on 1 CPU device and once on 8
 forced CPU devices (each in its own process, since the device count is fixed when jax
 starts). FLOPs come from XLA's cost analysis of the compiled step; the
@@ -68,7 +68,7 @@ def run_one(args) -> dict:
   jitted = train.compile_step(steps.make_train_step(model, config, "4", tx), state_sharding,
                               mesh)
   # What `train.fit` runs: `substeps` steps per compiled call.
-  substeps = config.train.substeps
+  substeps = config.stage4.substeps
   calls = sharding.to_global_steps([host_batch] * substeps, mesh)
   start = time.perf_counter()
   compiled = jitted.lower(state, calls, rng).compile()
