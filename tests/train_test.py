@@ -116,22 +116,19 @@ def test_resume_from_another_workdir_continues_that_run(tmp_path):
 
 def test_substeps_give_the_one_step_per_call_result(tmp_path):
   """Several steps per compiled call (a scan), calls ending at log/checkpoint steps: the
-  same weights as one step per call, logs and checkpoints at the same steps."""
+  same weights as one step per call, logs and checkpoints at the same steps; also when
+  killed and resumed."""
   straight = _weights(_run(tmp_path / "a", 7))
-  chunked = _run(tmp_path / "b", 7, substeps=3, log_every=4, checkpoint_every=4)
-  np.testing.assert_allclose(_weights(chunked), straight, rtol=1e-6, atol=1e-7)
-  assert re.findall(r"\[toy\] step (\d+)/", chunked.stdout) == ["4", "7"]
+  chunked = dict(substeps=3, log_every=4, checkpoint_every=4)
+  run = _run(tmp_path / "b", 7, **chunked)
+  np.testing.assert_allclose(_weights(run), straight, rtol=1e-6, atol=1e-7)
+  assert re.findall(r"\[toy\] step (\d+)/", run.stdout) == ["4", "7"]
   saved = sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints" / "toy").iterdir()
                  if p.name.isdigit())
   assert saved == [4, 7]
-
-
-def test_substeps_resume_after_sigkill_equals_uninterrupted(tmp_path):
-  straight = _weights(_run(tmp_path / "a", 7))
-  chunked = dict(substeps=3, log_every=4, checkpoint_every=4)
-  killed = _run(tmp_path / "b", 7, kill_at=6, **chunked)  # calls: 1-3, 4, 5-6 (killed)
+  killed = _run(tmp_path / "c", 7, kill_at=6, **chunked)  # calls: 1-3, 4, 5-6 (killed)
   assert killed.returncode == -9
-  resumed = _run(tmp_path / "b", 7, **chunked)
+  resumed = _run(tmp_path / "c", 7, **chunked)
   assert re.search(r"\[toy\] resumed at step 4 ", resumed.stdout)
   np.testing.assert_allclose(_weights(resumed), straight, rtol=1e-6, atol=1e-7)
 
