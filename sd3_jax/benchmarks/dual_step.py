@@ -5,8 +5,8 @@ Runs the real jitted, sharded, donated `(state, batch, rng) -> (state, metrics)`
 passes, L_dual, KL terms) as `train.fit` runs it (`stage4.substeps` steps per compiled
 call), on a synthetic batch with the default shapes, once on 1 CPU device and once on 8
 forced CPU devices (each in its own process, since the device count is fixed when jax
-starts). FLOPs come from XLA's cost analysis of the compiled step; the
-reference is the same process's float32 4096² matmul, timed right after each step.
+starts). FLOPs come from XLA's cost analysis of the compiled step; the reference is the
+same process's float32 4096² matmul, timed right after each call.
 
   python -m sd3_jax.benchmarks.dual_step                 # both device counts
   python -m sd3_jax.benchmarks.dual_step --devices=8 --steps=10
@@ -75,7 +75,7 @@ def run_one(args) -> dict:
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   # XLA's cost analysis counts a loop body once and one partition of an SPMD program:
-  # count one step (a 1-step scan is inlined) and scale to the whole mesh.
+  # count a 1-step call (the plain step, no loop) and scale to the whole mesh.
   one_step = jitted.lower(state, sharding.to_global_steps([host_batch], mesh), rng).compile()
   flops = common.compiled_flops(one_step) * jax.device_count()
   holder = {"state": state}
