@@ -87,9 +87,7 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
 
   Host-only fields (strings, e.g. eval `references`) stay behind.
   """
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+  return _to_global(batch, batch_sharding(mesh))
 
 
 def to_global_steps(batches: Sequence[dict], mesh: Mesh) -> dict:
@@ -97,7 +95,10 @@ def to_global_steps(batches: Sequence[dict], mesh: Mesh) -> dict:
 
   The batch axis (1) is sharded as in `to_global`; the step axis (0) is not.
   """
-  sharding = steps_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(
-              sharding, np.stack([np.asarray(b[k]) for b in batches]))
-          for k, v in batches[0].items() if np.asarray(v).dtype.kind in "biuf"}
+  stacked = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
+  return _to_global(stacked, steps_sharding(mesh))
+
+
+def _to_global(batch: dict, sharding: NamedSharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
