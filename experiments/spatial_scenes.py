@@ -42,6 +42,9 @@ def get_config(arg=None):
   data.num_test = 500
   data.scene_seed = 1234
   data.image_size = 64
+  # Difficulty tier: objects per scene (each needs its own colour, at most 7).
+  data.min_objects = 2
+  data.max_objects = 5
   data.caption_style = "v1"  # v1 (templated) | v2 (varied, longer) | both
   data.batch_size = 32  # global batch
   data.max_text_len = 48  # covers every templated caption (p99 42 tokens), v2 p99 45
@@ -61,6 +64,7 @@ def get_config(arg=None):
   diff.aux_weight = 5e-4  # VQ-Diffusion's auxiliary x0 cross-entropy weight λ
   diff.adaptive_aux = True  # w(t) = 2 - t/T
   diff.cond_drop_rate = 0.1  # condition dropout: trains the null condition for guidance
+  diff.graph_drop_rate = 0.1  # stage 4: drops c^G alone, so the chains stay text/image-led
 
   config.model = model = ml_collections.ConfigDict()
   # f=8 (8x8 tokens at 64x64) keeps the default job within 15 CPU minutes; f=4
@@ -72,15 +76,23 @@ def get_config(arg=None):
       ema_decay=0.99, dead_code_steps=50, object_weight=20.0, l1_weight=1.0))
   model.clip = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4,
                                               patch_size=8, embed_dim=128))
+  # slot_positions: the decoder knows each node's slot in the canonical graph order.
   model.dgae = ml_collections.ConfigDict(dict(width=64, encoder_layers=3, decoder_layers=2,
                                               num_heads=4, pair_width=64,
-                                              levels=(8, 5, 5, 5), edge_weight=5.0))
+                                              levels=(8, 5, 5, 5), edge_weight=5.0,
+                                              slot_positions=True))
+  # c^G as the consumers see it: 'embed' (FSQ vector + one-hot code id, i.e. a learned code
+  # embedding) or 'fsq' (the 4-number FSQ vector alone).
+  model.graph_interface = "embed"
   model.image_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4))
   model.text_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4))
   # attention_impl: 'segment' (jraph segment_softmax over the slot graph) or 'dense' (same
   # parameters and outputs, tested equal); dense is ~3x faster on CPU.
+  # aligned_slots: slot identity shared by the 3DSG and the 2DSG condition (see
+  # models/graph_denoiser.py); False is the permutation-equivariant set model.
   model.graph_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4,
-                                                        attention_impl="dense"))
+                                                        attention_impl="dense",
+                                                        aligned_slots=True))
   model.text_decoder = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4))
   model.prior = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4))
   model.teacher_tokens = 16  # the image chain's hidden grid is pooled to this many tokens
@@ -97,9 +109,15 @@ def get_config(arg=None):
   config.stage0a = _stage(270, 2e-3)  # VQ-VAE
   config.stage0b = _stage(100, 1e-3)  # contrastive encoders + marginal priors p̂(y), p̂(i)
   config.stage1 = _stage(150, 2e-3, substeps=5)  # DGAE
+  # The DGAE quality gate: held-out floors checked before the graph diffusion trains on its
+  # codes (the run stops with a message below them).
+  config.stage1.min_tag_acc = 0.98
+  config.stage1.min_edge_f1 = 0.95
   config.stage2 = _stage(80, 1e-3)  # G_V adapter + G_T
   config.stage3 = _stage(100, 1e-3, substeps=5)  # graph diffusion
   config.stage4 = _stage(100, 1e-3, warmup_steps=20, weight_decay=1e-2, substeps=5)  # dual
+  # The condition encoders (c^Y, c^I) keep learning in stage 4, from the chains' losses.
+  config.stage4.train_encoders = True
 
   # Stage-4 loss weights (the variant switches terms off, see sd3_jax/steps.py).
   config.loss = loss = ml_collections.ConfigDict()
@@ -110,16 +128,23 @@ def get_config(arg=None):
   loss.teacher = 1.0  # the teacher branches' own graph loss
   loss.dual = 0.01  # λ_dual on |log p̂(i) + log p(y|i) - log p̂(y) - log p(i|y)| (eq. 9)
   loss.length = 0.1  # the text denoiser's length head
+  # Share of stage-4 examples whose 3D->X chains get the graph chain's own x0 prediction
+  # instead of the gold 3DSG (what they get at inference: no exposure bias to the gold).
+  loss.predicted_graph_rate = 0.5
 
   config.train = ml_collections.ConfigDict(dict(
       log_every_steps=25, checkpoint_every_steps=100, keep_checkpoints=2,
       # Stage-4 sample sheets (ST2I, SI2T, 3DSG drawings) every N steps; 0: only the final
       # evaluation's grids (each sheet costs a sampler compile + run).
-      sample_every_steps=0))
+      sample_every_steps=0,
+      # Stage-4 held-out curve points (ST2I / SI2T spatial accuracy, 3DSG F1, baselines) on
+      # `curve_examples` val examples every N steps, drawn in curves.png; 0: none.
+      eval_every_steps=0, curve_examples=64))
 
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=1.0,
-      batch_size=64, split="test"))
+      batch_size=64, split="test",
+      graph_sampler="confidence"))  # confidence | ancestral (3DSG sampling, generate.py)
   # Local files for the paper's metrics (nothing is downloaded); unset -> that table cell is
   # blank with the reason. FID/IS: the FID InceptionV3 .pth; CLIP score: a HF CLIP directory;
   # METEOR / SPICE: directories with their jars (Java needed).
@@ -170,6 +195,7 @@ def get_config(arg=None):
     model.teacher_tokens = 4
     for name in ("stage0a", "stage0b", "stage1", "stage2", "stage3", "stage4"):
       config[name].update(num_steps=3, warmup_steps=1)
-    config.train.update(log_every_steps=1, checkpoint_every_steps=2, sample_every_steps=2)
+    config.train.update(log_every_steps=1, checkpoint_every_steps=2, sample_every_steps=2,
+                        eval_every_steps=2, curve_examples=8)
     config.eval.update(num_samples=8, sampling_steps=4, batch_size=8)
   return config

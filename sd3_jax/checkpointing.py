@@ -77,8 +77,37 @@ def restore_weights(directory, abstract_weights: dict, step: Optional[int] = Non
     item = {"ema_params": abstract_weights["params"],
             "model_state": abstract_weights["model_state"]}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)))["state"]
-    return {"params": restored["ema_params"], "model_state": restored["model_state"]}
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True)))["state"]
+    except ValueError:
+      # Some network changed shape (another config): take the networks that still fit.
+      return _restore_matching(manager, step, item)
+    return {"params": restored["ema_params"], "model_state": restored["model_state"],
+            "fresh": []}
   finally:
     manager.close()
+
+
+def _restore_matching(manager, step, item) -> dict:
+  """Per network: the saved EMA weights where they fit the target's shapes, else the
+  target stays fresh (None; its name is returned in 'fresh'). One partial restore per
+  network, onto the target's shardings."""
+  out, fresh = {"ema_params": {}, "model_state": {}}, []
+  for key, targets in item.items():
+    for name, target in targets.items():
+      part = {key: {name: target}}
+      try:
+        got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=part, restore_args=ocp.checkpoint_utils.construct_restore_args(part),
+            partial_restore=True)))["state"]
+        got = got[key][name]
+        # Leaves the checkpoint lacks come back as the target's placeholders.
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(got)):
+          raise KeyError(name)
+        out[key][name] = got
+      except (ValueError, KeyError):
+        out[key][name] = None
+        fresh.append(name)
+  return {"params": out["ema_params"], "model_state": out["model_state"],
+          "fresh": sorted(set(fresh))}

@@ -8,6 +8,7 @@ and node/edge accuracy and TriRec of the generated 3DSGs. Metrics that need file
 that are not present are None, with the reason in `result["unavailable"]`. PNG grids of both
 directions go to the workdir.
 """
+import collections
 import functools
 import pathlib
 from typing import Any, Callable, Optional, Sequence
@@ -39,14 +40,14 @@ from sd3_jax.scores import image as image_scores
 from sd3_jax.scores import inception
 
 
-def _raw_dir(config) -> pathlib.Path:
+def raw_dir(config) -> pathlib.Path:
   return pathlib.Path(config.data.dir) / builders.raw_dir_name(
       builders.spatial_scenes_config(config.data))
 
 
 def eval_batches(config, mesh, split: str, num_examples: int):
   """(host batch, global batch, records of the valid rows) over the first examples."""
-  records = vsd.load_records(_raw_dir(config) / f"{split}.json")
+  records = vsd.load_records(raw_dir(config) / f"{split}.json")
   eval_cfg = config.copy_and_resolve_references()
   with eval_cfg.unlocked():
     eval_cfg.data.batch_size = config.eval.batch_size
@@ -133,11 +134,12 @@ def _dgae_metrics(model, config, params, model_state, mesh):
 
 
 def _graph_metrics(model, config, params, model_state, mesh):
-  """TriRec vs the gold 3DSG of the 3DSG generated from the VSG and from the TSG, next to
-  the TriRec of those initial 2D graphs themselves (the paper's Table 4 shape)."""
+  """TriRec / precision / F1 vs the gold 3DSG of the 3DSG generated from the VSG and from
+  the TSG, next to the same scores of those 2D graphs themselves (copy-the-input: the
+  paper's Table 4 shape)."""
   del model_state
-  vocab = graphs_lib.GraphVocab.load(_raw_dir(config) / builders.GRAPH_VOCAB_FILE)
-  steps_ = config.eval.sampling_steps
+  vocab = graphs_lib.GraphVocab.load(raw_dir(config) / builders.GRAPH_VOCAB_FILE)
+  predict = functools.partial(dgae_lib.predict_padded, type_mask=vocab.type_mask())
 
   def generate_from(p, b, prefix, key):
     ids = model.graph_codes(p, sd3_lib.graph_of(b, prefix))
@@ -145,33 +147,28 @@ def _graph_metrics(model, config, params, model_state, mesh):
       feat = model.image_condition(p, b["image"])[1]
     else:
       feat = model.text_condition(p, b["text_ids"], b["text_mask"])[1]
-    return generate.graph_logits(model, p, generate.graph_3d(model, p, ids, feat, key,
-                                                             num_steps=steps_))
+    codes = generate.graph_3d(model, p, ids, feat, key, num_steps=config.eval.sampling_steps,
+                              sampler=config.eval.graph_sampler)
+    return predict(generate.graph_logits(model, p, codes))
 
   fns = {prefix: jax.jit(lambda p, b, k, prefix=prefix: generate_from(p, b, prefix, k))
          for prefix in ("vsg", "tsg")}
-  counts = {k: [0, 0] for k in ("vsg_initial", "tsg_initial", "vsg_to_3d", "tsg_to_3d")}
-  generated = {"vsg_to_3d": 0, "tsg_to_3d": 0}  # triples, for precision
+  counts = {f"{k}_{p}": np.zeros(3, np.int64) for k in ("copy", "from") for p in ("vsg", "tsg")}
   for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, "val",
                                                        config.eval.num_samples)):
     valid = np.asarray(host["valid"])
     golds = [graphs_lib.SceneGraph.from_json(r.scene_3dsg) for r in recs]
     for prefix in ("vsg", "tsg"):
       for r, gold in zip(recs, golds):
-        h, t = graphs_lib.triple_recall(graphs_lib.SceneGraph.from_json(getattr(r, prefix)),
-                                        gold)
-        counts[f"{prefix}_initial"][0] += h
-        counts[f"{prefix}_initial"][1] += t
-      logits = jax.device_get(fns[prefix](params, batch, jax.random.key(i)))
-      preds = dgae_lib.decode_to_graphs(jax.tree.map(lambda x: x[valid], logits), vocab)
-      for pred, gold in zip(preds, golds):
-        h, t = graphs_lib.triple_recall(pred, gold)
-        counts[f"{prefix}_to_3d"][0] += h
-        counts[f"{prefix}_to_3d"][1] += t
-        generated[f"{prefix}_to_3d"] += len(pred.triples())
-  out = {f"graph/trirec_{k}": h / max(t, 1) for k, (h, t) in counts.items()}
-  out.update({f"graph/triprec_{k}": counts[k][0] / max(n, 1) for k, n in generated.items()})
-  return out
+        counts[f"copy_{prefix}"] += triple_counts(
+            graphs_lib.SceneGraph.from_json(getattr(r, prefix)), gold)
+      pred = jax.device_get(fns[prefix](params, batch, jax.random.key(i)))
+      pred = {k: np.asarray(v)[valid] for k, v in pred.items()}
+      for b, gold in enumerate(golds):
+        counts[f"from_{prefix}"] += triple_counts(
+            graphs_lib.unpad_graph({k: v[b] for k, v in pred.items()}, vocab), gold)
+  return {f"graph/{kind}_{name}": value for name, c in counts.items()
+          for kind, value in triple_scores(*c).items()}
 
 
 def make_generators(model, config, mesh):
@@ -259,31 +256,40 @@ def caption_metrics(hyps: Sequence[str], refs: Sequence[Sequence[str]],
   return values, unavailable
 
 
-_node_edge_accuracy = jax.jit(graphs_lib.node_edge_accuracy)
+def graph_triples(graph: graphs_lib.SceneGraph) -> collections.Counter:
+  """A graph's relation triples as scored: objects named by colour where they have one
+  (colours identify objects in spatial scenes; VSD objects keep their tag), one spelling
+  per relation and its converse ("a left of b" = "b right of a")."""
+  return collections.Counter(canonical_triple(t)
+                             for t in graph.triples(identify_by=scenes.COLOUR_RANK))
+
+
+def triple_counts(pred: graphs_lib.SceneGraph,
+                  gold: graphs_lib.SceneGraph) -> tuple[int, int, int]:
+  """(matched, predicted, gold) relation triples, as multisets (`graph_triples`)."""
+  p, g = graph_triples(pred), graph_triples(gold)
+  return sum((p & g).values()), sum(p.values()), sum(g.values())
+
+
+def triple_scores(hits: int, predicted: int, gold: int) -> dict[str, float]:
+  """TriRec, triple precision and F1 from summed `triple_counts`."""
+  rec, prec = hits / max(gold, 1), hits / max(predicted, 1)
+  return {"trirec": rec, "triprec": prec, "trif1": 2 * hits / max(predicted + gold, 1)}
 
 
 def graph_counts(pred_padded: dict, gold_padded: dict,
-                 vocab: graphs_lib.GraphVocab) -> dict[str, tuple[int, int]]:
-  """(correct, total) counts of generated 3DSGs against gold, both padded [B, ...].
+                 vocab: graphs_lib.GraphVocab) -> tuple[int, int, int]:
+  """Summed `triple_counts` of generated 3DSGs against gold, both padded [B, ...].
 
-  node: tag (hence type) accuracy on the gold real nodes, slot by slot (the graph chain
-  generates the gold's DGAE slots); edge: typed-edge accuracy on the gold edges, same
-  slots; trirec: (subject, relation, object) tag triples of the gold found in the
-  generated graph, alignment-free (`graphs.triple_recall`); triprec: the generated triples
-  found in the gold (precision: recall alone rewards graphs bloated with extra nodes).
+  Alignment-free: a generator need not put a node on the gold's slot (slot-by-slot node
+  or edge accuracies would score the order, not the graph).
   """
-  counts = jax.device_get(_node_edge_accuracy(pred_padded, gold_padded))
-  out = {"node": tuple(int(x) for x in counts["node_tag"]),
-         "edge": tuple(int(x) for x in counts["edge_pos"])}
-  hits = total = generated = 0
+  total = np.zeros(3, np.int64)
   for b in range(len(gold_padded["node_mask"])):
     pred = graphs_lib.unpad_graph({k: v[b] for k, v in pred_padded.items()}, vocab)
     gold = graphs_lib.unpad_graph({k: v[b] for k, v in gold_padded.items()}, vocab)
-    h, t = graphs_lib.triple_recall(pred, gold)
-    hits, total, generated = hits + h, total + t, generated + len(pred.triples())
-  out["trirec"] = (hits, total)
-  out["triprec"] = (hits, generated)
-  return out
+    total += triple_counts(pred, gold)
+  return tuple(int(x) for x in total)
 
 
 def inception_fn(mesh) -> Callable:
@@ -389,13 +395,38 @@ class _ImageScorers:
     return out
 
 
+def spatial_baselines(real_images: np.ndarray, prompts: Sequence[str],
+                      golds: Sequence[dict]) -> dict[str, float]:
+  """The verifier's reference points for the spatial accuracies of one evaluation set.
+
+  st2i/spatial_acc_real: each prompt checked on its own real image (the ceiling);
+  st2i/spatial_acc_chance: on the next example's real image (shuffled real images: an
+  image generator that ignores the prompt); si2t/spatial_acc_chance: each example's
+  reference caption checked against the next example's gold scene (shuffled captions).
+  """
+  n = len(prompts)
+  if n == 0:
+    return {}
+  geoms = [verifier.estimate_geoms(image) for image in real_images[:n]]
+
+  def image_hits(shift):
+    return [[verifier.relation_holds(geoms[(j + shift) % n], *t)
+             for t in scene_captions.parse_caption(prompts[j])] for j in range(n)]
+
+  shuffled = [prompts[(j + 1) % n] for j in range(n)]
+  return {"st2i/spatial_acc_real": verifier.spatial_accuracy(image_hits(0)),
+          "st2i/spatial_acc_chance": verifier.spatial_accuracy(image_hits(1)),
+          "si2t/spatial_acc_chance": verifier.spatial_accuracy(
+              verifier.verify_captions(shuffled, list(golds)))}
+
+
 def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
                  tag: str = "final") -> dict[str, Any]:
   """Generates `eval.num_samples` test examples both ways; returns every Table-2 metric.
 
   ST2I (text -> image), prompt = the example's first caption:
     st2i/spatial_acc, st2i/per_predicate: the verifier checks each relation the prompt
-      states in the generated image.
+      states in the generated image; next to it, `spatial_baselines` (real / shuffled).
     st2i/trirec: the fraction of the gold 3DSG's relation triples (all true relations of
       the scene, stated or not) that the verifier finds in the generated image;
       st2i/trirec_real is the same on the real test image (the verifier's ceiling).
@@ -408,14 +439,15 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
     si2t/spatial_acc, si2t/per_predicate: parsed relations of the caption that hold in the
       gold 3DSG (objects matched by colour, size and shape);
     si2t/trirec: gold-3DSG relation triples (by colour) the caption parser finds.
-  3DSG (variants with the graph): graph/{node_acc,edge_acc,trirec}_from_{tsg,vsg}, the
+  3DSG (variants with the graph): graph/{trirec,triprec,trif1}_from_{tsg,vsg}, the
     3DSG generated inside ST2I (from the TSG) and SI2T (from the VSG) vs the gold 3DSG
-    (see `graph_counts`).
+    (`graph_triples`: by colour, converse-invariant), next to
+    graph/{...}_copy_{tsg,vsg}, the same scores of the TSG / VSG itself (copy-the-input).
   A metric that cannot be computed is None, with its reason in result["unavailable"].
   """
   ev = config.eval
-  tok = tokenizer_lib.load_tokenizer(_raw_dir(config) / builders.TOKENIZER_DIR)
-  vocab = graphs_lib.GraphVocab.load(_raw_dir(config) / builders.GRAPH_VOCAB_FILE)
+  tok = tokenizer_lib.load_tokenizer(raw_dir(config) / builders.TOKENIZER_DIR)
+  vocab = graphs_lib.GraphVocab.load(raw_dir(config) / builders.GRAPH_VOCAB_FILE)
   st2i, si2t, graph = make_generators(model, config, mesh)
   predict = jax.jit(functools.partial(dgae_lib.predict_padded, type_mask=vocab.type_mask()))
   flags = steps.variant_flags(config.variant)
@@ -423,9 +455,12 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
 
   image_hits, caption_hits, prompt_triples, caption_triples = [], [], [], []
   trirec = {"gen": [0, 0], "real": [0, 0]}
-  graph_totals = {f"{k}_from_{p}": [0, 0] for p in ("tsg", "vsg")
-                  for k in ("node", "edge", "trirec", "triprec")}
+  # Per 2DSG: the generated 3DSG's triple counts and those of the 2DSG itself (the
+  # copy-the-input baseline), each (matched, predicted, gold).
+  graph_totals = {f"{k}_{p}": np.zeros(3, np.int64) for p in ("tsg", "vsg")
+                  for k in ("from", "copy")}
   prompts, captions, refs_all, golds_all, images_all, real_all = [], [], [], [], [], []
+  gold_graphs_all = []
   seen = 0
   for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, ev.split,
                                                        ev.num_samples)):
@@ -460,14 +495,17 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
       for prefix, out in (("tsg", gen_i), ("vsg", gen_y)):
         pred = jax.device_get(predict(graph(params, out["graph_codes"])))
         pred = {k: np.asarray(v)[rows] for k, v in pred.items()}
-        for k, (c, t) in graph_counts(pred, gold_padded, vocab).items():
-          graph_totals[f"{k}_from_{prefix}"][0] += c
-          graph_totals[f"{k}_from_{prefix}"][1] += t
+        graph_totals[f"from_{prefix}"] += graph_counts(pred, gold_padded, vocab)
+        for r in recs:
+          graph_totals[f"copy_{prefix}"] += triple_counts(
+              graphs_lib.SceneGraph.from_json(getattr(r, prefix)),
+              graphs_lib.SceneGraph.from_json(r.scene_3dsg))
 
     prompts += [refs[j][0] for j in rows]
     captions += text
     refs_all += [refs[j] for j in rows]
     golds_all += gold_rel
+    gold_graphs_all += golds
     images_all.append(gen_uint8[rows])
     real_all.append(real_uint8[rows])
     seen += len(rows)
@@ -480,6 +518,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
   result = {
       "num_samples": seen,
       "st2i/spatial_acc": verifier.spatial_accuracy(image_hits),
+      **spatial_baselines(np.concatenate(real_all), prompts, gold_graphs_all),
       "si2t/spatial_acc": verifier.spatial_accuracy(caption_hits),
       "st2i/per_predicate": verifier.per_predicate_accuracy(image_hits, prompt_triples),
       "si2t/per_predicate": verifier.per_predicate_accuracy(caption_hits, caption_triples),
@@ -493,12 +532,13 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
       java_scorers=ev.java_scorers)
   result.update(text_values)
   unavailable.update(text_unavailable)
-  for name, (c, t) in graph_totals.items():
-    kind, _, prefix = name.partition("_from_")
-    key = f"graph/{kind if kind.startswith('tri') else kind + '_acc'}_from_{prefix}"
-    result[key] = c / max(t, 1) if flags["graph"] else None
-    if not flags["graph"]:
-      unavailable[key] = f"variant {config.variant} has no 3DSG"
+  for name, counts in graph_totals.items():
+    which, prefix = name.split("_")
+    for kind, value in triple_scores(*counts).items():
+      key = f"graph/{kind}_{which}_{prefix}"
+      result[key] = value if flags["graph"] else None
+      if not flags["graph"]:
+        unavailable[key] = f"variant {config.variant} has no 3DSG"
   result["unavailable"] = unavailable
   metrics_lib.say(f"[eval:{tag}] " + " | ".join(
       f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))

@@ -26,8 +26,13 @@ def _sample(process, denoise_fn, key, shape, cond, *, num_steps, truncation_r=No
                           else None, null_cond=null, mask=mask, pad_id=pad_id)
 
 
-def graph_3d(model: sd3_lib.SD3, params, cond_ids, global_feat, key, *, num_steps):
-  """X -> 3D: 3DSG code ids [B, N] from a 2DSG's codes and the global feature c^X."""
+def graph_3d(model: sd3_lib.SD3, params, cond_ids, global_feat, key, *, num_steps,
+             sampler: str = "confidence"):
+  """X -> 3D: 3DSG code ids [B, N] from a 2DSG's codes and the global feature c^X.
+
+  `sampler`: 'confidence' commits the most confident slots first (no two slots drawn
+  blind in one step, so fewer duplicates); 'ancestral' runs the strided posterior chain.
+  """
   b, n = cond_ids.shape
   cond = {"ids": cond_ids, "mask": cond_ids < model.graph_den.num_codes,
           "global": global_feat, "drop": jnp.zeros((b,), bool)}
@@ -37,6 +42,12 @@ def graph_3d(model: sd3_lib.SD3, params, cond_ids, global_feat, key, *, num_step
                                       c["mask"], c["global"], drop_cond=c["drop"])
     return logits
 
+  if sampler == "confidence":
+    return diffusion.confidence_sample(model.graph_process, denoise, key, (b, n), cond,
+                                       num_steps=num_steps)
+  if sampler != "ancestral":
+    raise ValueError(f"unknown graph sampler {sampler!r} (config key eval.graph_sampler); "
+                     "use 'confidence' or 'ancestral'")
   return _sample(model.graph_process, denoise, key, (b, n), cond, num_steps=num_steps)
 
 
@@ -45,7 +56,8 @@ def _graph_condition(model, config, params, batch, prefix, global_feat, key, num
   if not steps.variant_flags(config.variant)["graph"]:
     return None, None
   codes = model.graph_codes(params, sd3_lib.graph_of(batch, prefix))
-  out["graph_codes"] = graph_3d(model, params, codes, global_feat, key, num_steps=num_steps)
+  out["graph_codes"] = graph_3d(model, params, codes, global_feat, key, num_steps=num_steps,
+                                sampler=config.eval.graph_sampler)
   return model.code_features(out["graph_codes"])
 
 

@@ -75,7 +75,10 @@ def main(argv):
                jax.devices()[0].platform)
   from sd3_jax import train
 
-  train.run(FLAGS.config, FLAGS.workdir)
+  try:
+    train.run(FLAGS.config, FLAGS.workdir)
+  except train.QualityGateError as e:
+    raise SystemExit(f"[train] stopped: {e}") from None
 
 
 if __name__ == "__main__":

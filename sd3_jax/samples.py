@@ -13,8 +13,11 @@ import numpy as np
 from sd3_jax import evaluate
 from sd3_jax import steps
 from sd3_jax import visualize
+from sd3_jax.data import builders
 from sd3_jax.data import graphs as graphs_lib
+from sd3_jax.data import scene_captions
 from sd3_jax.data import tokenizer as tokenizer_lib
+from sd3_jax.data import verifier
 from sd3_jax.models import dgae as dgae_lib
 
 
@@ -62,3 +65,76 @@ class SampleSheets:
                                          self._vocab)
       paths.append(visualize.save_graph_grid(f"{stem}_3dsg.png", graphs, self._prompts))
     return paths
+
+
+class CurvePoints:
+  """`points(step, state)`: held-out ST2I / SI2T spatial accuracy and 3DSG triple F1 now.
+
+  On the first `train.curve_examples` examples of the val split (the same ones and the same
+  key each time), with the evaluation sampler settings and the EMA parameters. Each point
+  goes to `metrics.jsonl` / TensorBoard as `curve/*` at the run's global step (`step_offset`
+  + the stage step) next to its baselines (shuffled real images and captions; the copied
+  VSG / TSG), and `curves.png` is redrawn.
+  """
+
+  def __init__(self, model, config, mesh, workdir, writer, *, step_offset: int = 0):
+    raw = evaluate.raw_dir(config)
+    self._tokenizer = tokenizer_lib.load_tokenizer(raw / builders.TOKENIZER_DIR)
+    self._vocab = graphs_lib.GraphVocab.load(raw / builders.GRAPH_VOCAB_FILE)
+    self._st2i, self._si2t, self._graph = evaluate.make_generators(model, config, mesh)
+    self._predict = jax.jit(lambda logits: dgae_lib.predict_padded(
+        logits, self._vocab.type_mask()))
+    self._graphs = steps.variant_flags(config.variant)["graph"]
+    self._batches = list(evaluate.eval_batches(config, mesh, "val",
+                                               config.train.curve_examples))
+    self._key = jax.random.key(config.seed + 1)
+    self._writer, self._offset = writer, step_offset
+    self._workdir = pathlib.Path(workdir)
+    self._baselines = None
+
+  def __call__(self, step: int, state) -> dict:
+    params, model_state = state.ema_params, state.model_state
+    image_hits, caption_hits = [], []
+    counts = {k: np.zeros(3, np.int64) for k in ("from_tsg", "from_vsg", "copy_tsg",
+                                                 "copy_vsg")}
+    reals, prompts, golds = [], [], []
+    for i, (host, batch, recs) in enumerate(self._batches):
+      valid = np.asarray(host["valid"])
+      key = jax.random.fold_in(self._key, i)
+      gen_i = jax.device_get(self._st2i(params, model_state, batch, key))
+      gen_y = jax.device_get(self._si2t(params, model_state, batch, jax.random.fold_in(key, 1)))
+      refs = [r[0] for r in np.asarray(host["references"])[valid]]
+      images = visualize.to_uint8(np.asarray(gen_i["images"])[valid])
+      for image, prompt in zip(images, refs):
+        geoms = verifier.estimate_geoms(image)
+        image_hits.append([verifier.relation_holds(geoms, *t)
+                           for t in scene_captions.parse_caption(prompt)])
+      text = tokenizer_lib.decode_batch(self._tokenizer, gen_y["text_ids"][valid],
+                                        gen_y["text_mask"][valid])
+      caption_hits += verifier.verify_captions(text, [r.scene_3dsg for r in recs])
+      reals.append(visualize.to_uint8(np.asarray(host["image"])[valid]))
+      prompts += refs
+      golds += [r.scene_3dsg for r in recs]
+      if self._graphs:
+        for prefix, out in (("tsg", gen_i), ("vsg", gen_y)):
+          pred = jax.device_get(self._predict(self._graph(params, out["graph_codes"])))
+          for b, r in enumerate(recs):
+            gold = graphs_lib.SceneGraph.from_json(r.scene_3dsg)
+            one = {k: np.asarray(v)[valid][b] for k, v in pred.items()}
+            counts[f"from_{prefix}"] += evaluate.triple_counts(
+                graphs_lib.unpad_graph(one, self._vocab), gold)
+            counts[f"copy_{prefix}"] += evaluate.triple_counts(
+                graphs_lib.SceneGraph.from_json(getattr(r, prefix)), gold)
+    if self._baselines is None:
+      self._baselines = evaluate.spatial_baselines(np.concatenate(reals), prompts, golds)
+    point = {"curve/st2i_spatial_acc": verifier.spatial_accuracy(image_hits),
+             "curve/si2t_spatial_acc": verifier.spatial_accuracy(caption_hits),
+             "curve/st2i_chance": self._baselines["st2i/spatial_acc_chance"],
+             "curve/si2t_chance": self._baselines["si2t/spatial_acc_chance"]}
+    if self._graphs:
+      for name, c in counts.items():
+        point[f"curve/graph_f1_{name}"] = evaluate.triple_scores(*c)["trif1"]
+    self._writer.write(self._offset + step, point, stage="curve")
+    self._writer.flush()
+    visualize.save_curves(self._workdir / "metrics.jsonl", self._workdir / "curves.png")
+    return point

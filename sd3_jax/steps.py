@@ -62,8 +62,17 @@ def stages_to_run(config) -> list[str]:
   return wanted
 
 
-def trainable_mask(stage: str) -> Callable:
+def trainable_networks(stage: str, config=None) -> tuple[str, ...]:
+  """The networks a stage trains: `TRAINABLE`, plus the condition encoders in stage 4 with
+  `stage4.train_encoders` (they then learn what the chains need, not only retrieval)."""
   names = TRAINABLE[stage]
+  if stage == "4" and config is not None and config.stage4.get("train_encoders", False):
+    names = names + ("clip",)
+  return names
+
+
+def trainable_mask(stage: str, config=None) -> Callable:
+  names = trainable_networks(stage, config)
   return lambda params: {k: jax.tree.map(lambda _: k in names, v) for k, v in params.items()}
 
 
@@ -204,45 +213,62 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   w = config.loss
   sg = jax.lax.stop_gradient
   b = batch["image"].shape[0]
-  k_t, k_i, k_y, k_g, k_drop = jax.random.split(rng, 5)
+  k_t, k_i, k_y, k_g, k_drop, k_pred, k_gdrop = jax.random.split(rng, 7)
   ids, mask = batch["text_ids"], batch["text_mask"]
   z_i = sg(model.image_tokens(params, model_state, batch["image"]))
-  c_y_tokens, c_y = sg(model.text_condition(params, ids, mask))
-  c_i_tokens, c_i = sg(model.image_condition(params, batch["image"]))
+  # Frozen encoders unless stage 4 trains them with the chains (`stage4.train_encoders`).
+  enc = (lambda x: x) if config.stage4.train_encoders else sg
+  c_y_tokens, c_y = enc(model.text_condition(params, ids, mask))
+  c_i_tokens, c_i = enc(model.image_condition(params, batch["image"]))
   t = _sample_t(k_t, b, config.diffusion.num_steps)
   drop = _drop(k_drop, b, config.diffusion.cond_drop_rate)
   metrics = {}
 
+  g_feats_i = g_feats_y = g_mask_i = g_mask_y = None
   if flags["graph"]:
-    # The image and text chains are conditioned on the gold 3DSG's codes (teacher forcing);
-    # at inference they get the graph diffusion's output instead.
     z_g = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "g3d")))
-    g_feats, g_mask = model.code_features(z_g)
-  else:
-    g_feats = g_mask = None
-
-  x_i = model.image_process.q_sample(k_i, z_i, t)
-  logits_i, h_i = model.image_den.apply({"params": params["image_den"]}, x_i, t, c_y_tokens,
-                                        mask, g_feats, g_mask, drop)
-  l_image, aux_image = _vlb(config, model.image_process, logits_i, z_i, x_i, t)
-  x_y = model.text_process.q_sample(k_y, ids, t)
-  logits_y, h_y, length_logits = model.text_den.apply(
-      {"params": params["text_den"]}, x_y, t, mask, c_i_tokens, None, g_feats, g_mask, drop)
-  l_text, aux_text = _vlb(config, model.text_process, logits_y, ids, x_y, t, mask)
-  l_length = text_denoiser.length_loss(length_logits, mask)
-  loss = w.image * l_image + w.text * l_text + w.length * l_length
-  metrics.update(image=l_image, text=l_text, length=l_length,
-                 image_ce=jnp.mean(aux_image["aux_ce"]), text_ce=jnp.mean(aux_text["aux_ce"]))
-
-  if flags["graph"]:
     vsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "vsg")))
     tsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "tsg")))
     z_gt = model.graph_process.q_sample(k_g, z_g, t)
     s_i, s_t = _graph_chains(model, params, z_gt, t, drop, [(vsg, c_i), (tsg, c_y)])
     l_i23d, _ = _vlb(config, model.graph_process, s_i, z_g, z_gt, t)
     l_t23d, _ = _vlb(config, model.graph_process, s_t, z_g, z_gt, t)
-    loss = loss + w.graph * (l_i23d + l_t23d)
+    loss = w.graph * (l_i23d + l_t23d)
     metrics.update(i23d=l_i23d, t23d=l_t23d)
+    # c^G for the 3D->X chains. At inference they get the graph chain's output, so in
+    # training a `loss.predicted_graph_rate` share of examples gets the chain's own
+    # (stop-gradient) x0 prediction instead of the gold 3DSG: ST2I from TSG->3DSG, SI2T
+    # from VSG->3DSG. `diffusion.graph_drop_rate` drops the graph alone, so the chains stay
+    # grounded in the text and the image.
+    use_pred = _drop(k_pred, b, w.predicted_graph_rate)[:, None]
+    keep = ~_drop(k_gdrop, b, config.diffusion.graph_drop_rate)[:, None]
+    empty = model.graph_den.num_codes
+
+    def graph_cond(student_logits):
+      pred = sg(jnp.argmax(student_logits, -1)).astype(z_g.dtype)
+      ids_ = jnp.where(keep, jnp.where(use_pred, pred, z_g), empty)
+      return model.code_features(ids_)
+
+    g_feats_i, g_mask_i = graph_cond(s_t)
+    g_feats_y, g_mask_y = graph_cond(s_i)
+  else:
+    loss = 0.0
+
+  x_i = model.image_process.q_sample(k_i, z_i, t)
+  logits_i, h_i = model.image_den.apply({"params": params["image_den"]}, x_i, t, c_y_tokens,
+                                        mask, g_feats_i, g_mask_i, drop)
+  l_image, aux_image = _vlb(config, model.image_process, logits_i, z_i, x_i, t)
+  x_y = model.text_process.q_sample(k_y, ids, t)
+  logits_y, h_y, length_logits = model.text_den.apply(
+      {"params": params["text_den"]}, x_y, t, mask, c_i_tokens, None, g_feats_y, g_mask_y,
+      drop)
+  l_text, aux_text = _vlb(config, model.text_process, logits_y, ids, x_y, t, mask)
+  l_length = text_denoiser.length_loss(length_logits, mask)
+  loss = loss + w.image * l_image + w.text * l_text + w.length * l_length
+  metrics.update(image=l_image, text=l_text, length=l_length,
+                 image_ce=jnp.mean(aux_image["aux_ce"]), text_ce=jnp.mean(aux_text["aux_ce"]))
+
+  if flags["graph"]:
     if flags["mutual"]:
       # Teachers see the dual 3D->X chain's step-t hidden states (paper eq. 2-3, App. C.3):
       # VSG->3DSG gets the image chain's, TSG->3DSG the text chain's (which fuses c^I).
@@ -261,7 +287,10 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
     log_p_y = sg(model.text_prior.log_likelihood(params["text_prior"], ids, mask))
     log_i_given_y = -aux_image["vlb_per_example"]
     log_y_given_i = -aux_text["vlb_per_example"]
-    dual = jnp.mean(jnp.abs(log_p_i + log_y_given_i - log_p_y - log_i_given_y))
+    # Per token of the pair (image tokens + caption tokens), so λ_dual means the same at
+    # any image or caption size; the summed gap made λ=0.01 act at 0.64x the image loss.
+    num_tokens = z_i.shape[1] + jnp.sum(mask, -1)
+    dual = jnp.mean(jnp.abs(log_p_i + log_y_given_i - log_p_y - log_i_given_y) / num_tokens)
     loss = loss + w.dual * dual
     metrics["dual_gap"] = dual
 
@@ -283,7 +312,7 @@ def make_train_step(model: sd3_lib.SD3, config, stage: str, tx) -> Callable:
     (loss, (model_state, metrics)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
     del loss
     new_state = ts.apply_gradients(state, grads, tx, config.optim.ema_decay, model_state,
-                                   trainable=trainable_mask(stage)(state.params))
+                                   trainable=trainable_mask(stage, config)(state.params))
     return new_state, metrics
 
   return step

@@ -26,6 +26,7 @@ from sd3_jax import samples as samples_lib
 from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
 from sd3_jax import train_state
+from sd3_jax import visualize
 from sd3_jax.models import aligned_decoders
 from sd3_jax.models import sd3 as sd3_lib
 
@@ -93,7 +94,7 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
         mesh, workdir, num_steps: int, batch_size: int, rng: jax.Array,
         log_every: int = 50, checkpoint_every: int = 500, keep_checkpoints: int = 2,
         writer: Optional[metrics_lib.MetricWriter] = None,
-        periodic: Optional[Callable[[int, Any], None]] = None, periodic_every: int = 0,
+        periodic: Any = None, periodic_every: int = 0,
         substeps: int = 1, train: bool = True, resume_dir=None,
         config_json: Optional[dict] = None) -> Any:
   """Runs one stage to `num_steps`, resuming from `<workdir>/checkpoints/<stage>` if present,
@@ -103,7 +104,8 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
   `set_state()`; its state is checkpointed with the train state (and `config_json`, for the
   record) so a resumed run reads exactly the batches it would have read. Each compiled call
   runs up to `substeps` steps (intervals that are not multiples of it cost one more compile
-  per distinct call length); the results are those of one step per call.
+  per distinct call length); the results are those of one step per call. `periodic` is a
+  `hook(step, state)` run every `periodic_every` steps, or a list of (every, hook) pairs.
   """
   if substeps < 1:
     raise ValueError(f"[{stage}] substeps must be >= 1, got {substeps}")
@@ -137,7 +139,8 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
   progress = metrics_lib.Progress(stage, num_steps, batch_size, start_step=start)
   last_logged = start
   step = start
-  intervals = (log_every, checkpoint_every, periodic_every if periodic is not None else 0)
+  hooks = [(periodic_every, periodic)] if callable(periodic) else list(periodic or [])
+  intervals = (log_every, checkpoint_every) + tuple(every for every, _ in hooks)
   with _Preemption() as preemption:
     while step < num_steps:
       n = _steps_in_call(step, num_steps, substeps, intervals)
@@ -156,8 +159,9 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
           writer.write(step, {**{f"train/{stage}/{k}": v for k, v in host.items()}, **perf},
                        stage=stage)
         last_logged = step
-      if periodic is not None and periodic_every and step % periodic_every == 0:
-        periodic(step, state)
+      for every, hook in hooks:
+        if every and step % every == 0:
+          hook(step, state)
       if step % checkpoint_every == 0 or step == num_steps or preemption.requested:
         checkpointing.save(manager, step, state, _data_state(batches), config_json, force=True)
       if preemption.requested:
@@ -186,6 +190,12 @@ def _decode_data_state(data_state: dict):
   if "bytes" in data_state:
     return data_state["bytes"].encode("latin-1")
   return data_state["state"]
+
+
+def _steps_before(config, stage: str) -> int:
+  """Train steps of the stages before `stage` (the x axis of the whole run's curves)."""
+  return sum(int(config[f"stage{s}"].num_steps) for s in steps.STAGES[:steps.STAGES.index(stage)]
+             if s in steps.stages_to_run(config))
 
 
 def _stage_optim(config, stage: str):
@@ -247,23 +257,30 @@ def run(config, workdir) -> dict:
   if weights_dir is not None:
     restored = checkpointing.restore_weights(weights_dir, checkpointing.abstract(
         {"params": params, "model_state": model_state}))
-    params, model_state = restored["params"], restored["model_state"]
-    metrics_lib.say(f"[train] weights from {weights_dir}")
+    keep = lambda new, old: {k: old[k] if new.get(k) is None else new[k] for k in old}  # noqa: E731
+    params = keep(restored["params"], params)
+    model_state = keep(restored["model_state"], model_state)
+    fresh = restored["fresh"]
+    metrics_lib.say(f"[train] weights from {weights_dir}" + (
+        f" (shapes changed, fresh: {', '.join(fresh)})" if fresh else ""))
   metrics_lib.say(f"[train] variant {config.variant}: stages {', '.join(stages)}")
   stage_seconds = {}
   for stage in stages:
     start = time.perf_counter()
     optim = _stage_optim(config, stage)
-    tx = train_state.make_optimizer(optim, steps.trainable_mask(stage))
+    tx = train_state.make_optimizer(optim, steps.trainable_mask(stage, config))
     if stage == "2":  # G_V starts from the trained VQ decoder (eq. 5)
       params = dict(params, g_v=aligned_decoders.load_vq_decoder(params["g_v"],
                                                                  params["vqvae"]))
     state, state_sharding = make_state(config, mesh, tx, params, model_state, abstract)
-    sheets = None
-    if (stage == "4" and config.train.sample_every_steps and config.mode == "train"
-        and config.data.name == "spatial_scenes"):
-      sheets = samples_lib.SampleSheets(model, config, mesh, workdir, summary["data"],
-                                        tag=f"stage{stage}")
+    hooks = []
+    if stage == "4" and config.mode == "train" and config.data.name == "spatial_scenes":
+      if config.train.sample_every_steps:
+        hooks.append((config.train.sample_every_steps, samples_lib.SampleSheets(
+            model, config, mesh, workdir, summary["data"], tag=f"stage{stage}")))
+      if config.train.eval_every_steps:
+        hooks.append((config.train.eval_every_steps, samples_lib.CurvePoints(
+            model, config, mesh, workdir, writer, step_offset=_steps_before(config, "4"))))
     state = fit(stage=f"stage{stage}", step_fn=steps.make_train_step(model, config, stage, tx),
                 state=state, state_sharding=state_sharding, batches=_batches(config, stage),
                 mesh=mesh, workdir=workdir, num_steps=optim.num_steps,
@@ -275,7 +292,7 @@ def run(config, workdir) -> dict:
                 checkpoint_every=config.train.checkpoint_every_steps,
                 keep_checkpoints=config.train.keep_checkpoints, writer=writer,
                 train=config.mode == "train", resume_dir=config.resume,
-                periodic=sheets, periodic_every=config.train.sample_every_steps,
+                periodic=hooks,
                 substeps=optim.substeps, config_json=config_json)
     # The next stage starts from the EMA parameters: they are what the stage's metrics
     # measure and what the final evaluation of a network frozen after this stage uses.
@@ -287,6 +304,8 @@ def run(config, workdir) -> dict:
       summary[f"stage{stage}"] = held_out
       writer.write(optim.num_steps, {f"eval/{k}": v for k, v in held_out.items()},
                    stage=f"stage{stage}")
+    if stage == "1" and held_out:
+      _check_dgae_gate(config, held_out)
   summary["stage_seconds"] = stage_seconds
   if config.data.name == "spatial_scenes" and "4" in stages:
     start = time.perf_counter()
@@ -297,6 +316,8 @@ def run(config, workdir) -> dict:
                  {f"eval/{k}": v for k, v in summary["eval"].items() if np.isscalar(v)},
                  stage="eval")
   writer.close()
+  if lead and config.mode == "train":
+    visualize.save_curves(workdir / "metrics.jsonl", workdir / "curves.png")
   out = {"train": "summary.json", "eval": "results.json", "sample": "samples.json"}
   if lead:
     (workdir / out[config.mode]).write_text(json.dumps(summary, indent=2))
@@ -315,6 +336,23 @@ def _latest_stage_dir(run_dir, stages) -> Optional[pathlib.Path]:
     if stage in stages and checkpointing.latest_step(directory) is not None:
       return directory
   return None
+
+
+class QualityGateError(RuntimeError):
+  """A stage's held-out quality is below its configured floor; later stages would waste."""
+
+
+def _check_dgae_gate(config, held_out: dict) -> None:
+  """Stops the run before the graph diffusion when the DGAE cannot reconstruct graphs: its
+  codes are the graph chain's targets, so decoding even the gold codes would lose content."""
+  floors = {"dgae/node_tag_acc": ("stage1.min_tag_acc", config.stage1.min_tag_acc),
+            "dgae/edge_f1": ("stage1.min_edge_f1", config.stage1.min_edge_f1)}
+  low = [f"{name} {held_out[name]:.3f} < {key}={floor}"
+         for name, (key, floor) in floors.items() if held_out.get(name, 1.0) < floor]
+  if low:
+    raise QualityGateError("the DGAE is below its quality floor on held-out graphs ("
+                           + "; ".join(low) + "): train stage 1 longer (stage1.num_steps) "
+                           "or lower the floors")
 
 
 def _initial_weights_dir(config, workdir, stages) -> Optional[pathlib.Path]:

@@ -117,3 +117,75 @@ def save_graph_grid(path, graphs: Sequence, titles: Optional[Sequence[str]] = No
   path.parent.mkdir(parents=True, exist_ok=True)
   grid.save(path)
   return path
+
+
+# Stage-4 held-out curves: (metric, label, its baseline lines as (metric, label)).
+_CURVE_PANELS = (
+    ("ST2I spatial accuracy", [("curve/st2i_spatial_acc", "generated")],
+     [("curve/st2i_chance", "chance: shuffled real images")]),
+    ("SI2T spatial accuracy", [("curve/si2t_spatial_acc", "generated")],
+     [("curve/si2t_chance", "chance: shuffled captions")]),
+    ("3DSG triple F1 vs gold", [("curve/graph_f1_from_vsg", "from VSG"),
+                                ("curve/graph_f1_from_tsg", "from TSG")],
+     [("curve/graph_f1_copy_vsg", "copy VSG"), ("curve/graph_f1_copy_tsg", "copy TSG")]),
+)
+
+
+def save_curves(metrics_path, out_path) -> Optional[pathlib.Path]:
+  """`curves.png` from a run's `metrics.jsonl`: each stage's training losses vs step, and
+  the stage-4 held-out curves (`samples.CurvePoints`) with their baselines as lines."""
+  import json  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  metrics_path = pathlib.Path(metrics_path)
+  if not metrics_path.exists():
+    return None
+  rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  losses: dict = {}
+  for row in rows:
+    stage = row.get("stage", "")
+    if stage.startswith("stage"):
+      for key, value in row.items():
+        if key.startswith(f"train/{stage}/") and (key.endswith("loss") or key.split("/")[-1]
+                                                 in ("image", "text", "i23d", "t23d")):
+          losses.setdefault(stage, {}).setdefault(key.split("/")[-1], []).append(
+              (row["step"], value))
+  curves = [r for r in rows if r.get("stage") == "curve"]
+  panels = [p for p in _CURVE_PANELS if any(k in r for r in curves for k, _ in p[1])]
+  n = len(losses) + len(panels)
+  if n == 0:
+    return None
+  cols = min(n, 4)
+  fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((n + cols - 1)
+                                                                               // cols)),
+                           squeeze=False)
+  axes = list(axes.flat)
+  for ax, (title, lines, baselines) in zip(axes, panels):
+    for key, label in lines:
+      pts = [(r["step"], r[key]) for r in curves if key in r]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=label)
+    for i, (key, label) in enumerate(baselines):
+      values = [r[key] for r in curves if key in r]
+      if values:
+        ax.axhline(values[-1], linestyle="--", color=f"C{i + 3}", label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step (whole run)", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+  for ax, (stage, series) in zip(axes[len(panels):], sorted(losses.items())):
+    for name, pts in sorted(series.items()):
+      ax.plot(*zip(*pts), label=name)
+    ax.set_yscale("log")
+    ax.set_title(f"{stage} training losses", fontsize=9)
+    ax.set_xlabel("stage step", fontsize=8)
+    ax.legend(fontsize=7)
+  for ax in axes[n:]:
+    ax.axis("off")
+  fig.tight_layout()
+  out_path = pathlib.Path(out_path)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out_path, dpi=80)
+  plt.close(fig)
+  return out_path

@@ -46,3 +46,27 @@ def test_init_from_a_workdir_uses_its_last_saved_stage(tmp_path):
   assert train._initial_weights_dir(config, tmp_path, ["2", "3"]) == (
       tmp_path / "checkpoints" / "stage1")
   assert train._initial_weights_dir(config, tmp_path, ["0a"]) is None
+
+
+def test_restore_weights_keeps_the_networks_that_fit_when_others_changed_shape(tmp_path):
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  saved = {"a": {"w": jnp.arange(6.0).reshape(2, 3)}, "b": {"w": jnp.ones((4,))}}
+  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=saved, opt_state={},
+                                 ema_params=saved, model_state={})
+  manager = checkpointing.make_manager(tmp_path, async_save=False)
+  checkpointing.save(manager, 1, state, force=True)
+  manager.close()
+  # b changed shape; c gained a leaf the checkpoint lacks.
+  saved["c"] = {"w": jnp.ones((2,))}
+  state = state.replace(params=saved, ema_params=saved)
+  manager = checkpointing.make_manager(tmp_path, async_save=False)
+  checkpointing.save(manager, 2, state, force=True)
+  manager.close()
+  target = {"a": {"w": jnp.zeros((2, 3))}, "b": {"w": jnp.zeros((5,))},
+            "c": {"w": jnp.zeros((2,)), "new": jnp.zeros((3,))}}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          {"params": target, "model_state": {}})
+  got = checkpointing.restore_weights(tmp_path, abstract)
+  assert got["fresh"] == ["b", "c"] and got["params"]["b"] is None
+  np.testing.assert_array_equal(got["params"]["a"]["w"], saved["a"]["w"])

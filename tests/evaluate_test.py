@@ -16,6 +16,7 @@ from sd3_jax import sharding
 from sd3_jax.data import builders
 from sd3_jax.data import graphs as graphs_lib
 from sd3_jax.data import pipeline
+from sd3_jax.data import scenes
 from sd3_jax.data import schema
 from sd3_jax.data import stage as data_stage
 from sd3_jax.data import vsd
@@ -90,23 +91,39 @@ def test_graph_counts_exact(tiny_config):
   golds = [graphs_lib.SceneGraph.from_json(r.scene_3dsg) for r in recs]
   gold = graphs_lib.stack_padded([graphs_lib.pad_graph(g, vocab, config.data.max_nodes,
                                                        config.data.max_edges) for g in golds])
-  nodes = sum(g.num_nodes for g in golds)
-  edges = sum(g.num_edges for g in golds)
   triples = sum(len(g.triples()) for g in golds)
-  assert evaluate.graph_counts(gold, gold, vocab) == {
-      "node": (nodes, nodes), "edge": (edges, edges), "trirec": (triples, triples),
-      "triprec": (triples, triples)}
+  assert evaluate.graph_counts(gold, gold, vocab) == (triples, triples, triples)
 
   pred = {k: np.array(v) for k, v in gold.items()}
-  attr = next(i for i, (t, _) in enumerate(golds[0].nodes) if t == "attribute")
-  pred["node_tag"][0, attr] = graphs_lib.PAD_ID + 1  # one wrong tag (<unk>), in no triple
-  # Drop the subject edge of one relation: one edge and one triple are gone.
+  attr = next(i for i, (t, tag) in enumerate(golds[0].nodes)
+              if t == "attribute" and tag not in scenes.COLOUR_RANK)
+  pred["node_tag"][0, attr] = graphs_lib.PAD_ID + 1  # a wrong size/pose tag: in no triple
+  # Drop the subject edge of one relation: one triple is gone.
   rel = next(i for i, (t, _) in enumerate(golds[1].nodes) if t == "relation")
   subj = next(s for s, d, e in golds[1].edges if d == rel and e == "subj")
   pred["adjacency"][1, subj, rel] = 0
-  assert evaluate.graph_counts(pred, gold, vocab) == {
-      "node": (nodes - 1, nodes), "edge": (edges - 1, edges),
-      "trirec": (triples - 1, triples), "triprec": (triples - 1, triples - 1)}
+  assert evaluate.graph_counts(pred, gold, vocab) == (triples - 1, triples - 1, triples)
+
+
+def _graph(objects, relations):
+  """Objects as (shape, colour), relations as (subject index, predicate, object index)."""
+  nodes = [("object", shape) for shape, _ in objects] + [
+      ("attribute", colour) for _, colour in objects] + [("relation", p) for _, p, _ in relations]
+  k = len(objects)
+  edges = [(k + i, i, "attr-of") for i in range(k)]
+  for r, (s, _, o) in enumerate(relations):
+    edges += [(s, 2 * k + r, "subj"), (2 * k + r, o, "obj")]
+  return graphs_lib.SceneGraph(tuple(nodes), tuple(edges))
+
+
+def test_triples_name_objects_by_colour_and_ignore_the_direction_said():
+  gold = _graph([("cube", "red"), ("cube", "blue")], [(0, "to the left of", 1)])
+  converse = _graph([("cube", "blue"), ("cube", "red")], [(0, "to the right of", 1)])
+  assert evaluate.triple_counts(converse, gold) == (1, 1, 1)
+  # Same shapes, colours swapped: by shape tags it would match; by colour it does not.
+  swapped = _graph([("cube", "blue"), ("cube", "red")], [(0, "to the left of", 1)])
+  assert evaluate.triple_counts(swapped, gold) == (0, 1, 1)
+  assert evaluate.triple_scores(1, 4, 1) == {"trirec": 1.0, "triprec": 0.25, "trif1": 0.4}
 
 
 def test_image_metrics_identical_sets():
@@ -154,8 +171,8 @@ def test_spatial_eval_end_to_end(tiny_config, tmp_path):
   assert result["num_samples"] == config.eval.num_samples
   fractions = ["st2i/spatial_acc", "si2t/spatial_acc", "st2i/trirec", "st2i/trirec_real",
                "si2t/bleu4", "si2t/trirec"] + [
-                   f"graph/{k}_from_{p}" for k in ("node_acc", "edge_acc", "trirec", "triprec")
-                   for p in ("tsg", "vsg")]
+                   f"graph/{k}_{w}_{p}" for k in ("trirec", "triprec", "trif1")
+                   for w in ("from", "copy") for p in ("tsg", "vsg")]
   for key in fractions:
     assert 0.0 <= result[key] <= 1.0, key
   # The verifier reads most gold relations off the real renders.

@@ -26,7 +26,11 @@ def test_train_then_eval(tmp_path):
   assert 0.0 <= summary["eval"]["st2i/spatial_acc"] <= 1.0
   assert "vqvae/codebook_usage" in summary["stage0a"]
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert {r["stage"] for r in rows} == {"stage0a", "stage0b", "stage4", "eval"}
+  assert {r["stage"] for r in rows} == {"stage0a", "stage0b", "stage4", "curve", "eval"}
+  # Tiny: a held-out point every 2 stage-4 steps, at the whole run's step (0a, 0b: 3 each).
+  curve = [r for r in rows if r["stage"] == "curve"]
+  assert [r["step"] for r in curve] == [3 + 3 + 2] and 0 <= curve[0]["curve/st2i_spatial_acc"] <= 1
+  assert (tmp_path / "curves.png").stat().st_size > 0
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "samples" / "st2i_final.png").stat().st_size > 0
   assert (tmp_path / "samples" / "si2t_final.png").stat().st_size > 0

@@ -63,7 +63,8 @@ def run_one(args) -> dict:
   batch = sharding.to_global(host_batch, mesh)
   rng = jax.random.key(0)
   params, model_state, abstract = train.init_model(model, config, mesh, batch, rng)
-  tx = train_state.make_optimizer(train._stage_optim(config, "4"), steps.trainable_mask("4"))
+  tx = train_state.make_optimizer(train._stage_optim(config, "4"),
+                                  steps.trainable_mask("4", config))
   state, state_sharding = train.make_state(config, mesh, tx, params, model_state, abstract)
   jitted = train.compile_step(steps.make_train_step(model, config, "4", tx), state_sharding,
                               mesh)

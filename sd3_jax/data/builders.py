@@ -138,6 +138,8 @@ class SpatialScenesConfig(tfds.core.BuilderConfig):
   max_nodes: int = 40
   max_edges: int = 64
   graph_overflow: str = "error"
+  min_objects: int = 2
+  max_objects: int = 5
 
 
 def spatial_scenes_config(cfg: Any) -> SpatialScenesConfig:
@@ -148,19 +150,25 @@ def spatial_scenes_config(cfg: Any) -> SpatialScenesConfig:
       seed=int(_get(cfg, "scene_seed", _get(cfg, "seed", 1234))),
       image_size=int(_get(cfg, "image_size")), max_nodes=int(_get(cfg, "max_nodes")),
       max_edges=int(_get(cfg, "max_edges")),
-      graph_overflow=str(_get(cfg, "graph_overflow", "error")))
+      graph_overflow=str(_get(cfg, "graph_overflow", "error")),
+      min_objects=int(_get(cfg, "min_objects", 2)), max_objects=int(_get(cfg, "max_objects", 5)))
+  if not 2 <= values["min_objects"] <= values["max_objects"] <= len(scenes.SceneConfig.colours):
+    raise DataError(f"need 2 <= min_objects <= max_objects <= {len(scenes.SceneConfig.colours)}"
+                    f" (one colour each), got {values['min_objects']}..{values['max_objects']}",
+                    field="data.min_objects/max_objects")
   if values["graph_overflow"] not in ("error", "truncate"):
     raise DataError(f"expected 'error' or 'truncate', got {values['graph_overflow']!r}",
                     field="data.graph_overflow")
-  name = ("n{num_train}-{num_val}-{num_test}_seed{seed}_img{image_size}"
-          "_g{max_nodes}x{max_edges}_{graph_overflow}").format(**values)
+  name = ("n{num_train}-{num_val}-{num_test}_seed{seed}_img{image_size}_obj{min_objects}-"
+          "{max_objects}_g{max_nodes}x{max_edges}_{graph_overflow}").format(**values)
   return SpatialScenesConfig(name=name, **values)
 
 
 def raw_dir_name(config: SpatialScenesConfig) -> str:
   """Generated scenes depend only on sizes, seed and image size, not on the graph budget."""
   return (f"scenes_n{config.num_train}-{config.num_val}-{config.num_test}"
-          f"_seed{config.seed}_img{config.image_size}")
+          f"_seed{config.seed}_img{config.image_size}_obj{config.min_objects}-"
+          f"{config.max_objects}_v{scenes.FORMAT_VERSION}")
 
 
 def generate_scenes(raw_dir: PathLike, config: SpatialScenesConfig, *, num_workers: int = 1,
@@ -171,7 +179,10 @@ def generate_scenes(raw_dir: PathLike, config: SpatialScenesConfig, *, num_worke
     return raw_dir
   logging.info("generating spatial scenes into %s", raw_dir)
   scenes.write_dataset(str(raw_dir), config.num_train, config.num_val, config.num_test,
-                       config.seed, image_size=config.image_size, num_workers=num_workers,
+                       config.seed, image_size=config.image_size,
+                       cfg=scenes.SceneConfig(min_objects=config.min_objects,
+                                              max_objects=config.max_objects),
+                       num_workers=num_workers,
                        progress=progress)
   return raw_dir
 

@@ -23,7 +23,7 @@ message or loss over edges must be weighted by `edge_mask` (and over nodes by `n
 import collections
 import dataclasses
 import json
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Collection, Iterable, Literal, Mapping, Optional, Sequence
 
 from absl import logging
 import jax.numpy as jnp
@@ -161,12 +161,21 @@ class SceneGraph:
     """Tags of the object nodes, in node order."""
     return [tag for t, tag in self.nodes if t == "object"]
 
-  def triples(self) -> list[tuple[str, str, str]]:
-    """(subject tag, relation tag, object tag) per relation node and its subj/obj edges.
+  def triples(self, identify_by: Optional[Collection[str]] = None
+              ) -> list[tuple[str, str, str]]:
+    """(subject, relation tag, object) per relation node and its subj/obj edges.
 
-    In relation-node order. A relation missing an end yields nothing; one with several
+    Objects are named by their tag, or with `identify_by` (attribute tags that identify an
+    object, e.g. the colours of spatial scenes) by the first such attribute they own. In
+    relation-node order. A relation missing an end yields nothing; one with several
     subj/obj edges (only possible in predicted graphs) yields every combination.
     """
+    names = [tag for _, tag in self.nodes]
+    if identify_by is not None:
+      for src, dst, etype in self.edges:
+        if etype == "attr-of" and self.nodes[src][1] in identify_by and \
+            names[dst] == self.nodes[dst][1]:
+          names[dst] = self.nodes[src][1]
     subj = collections.defaultdict(list)
     obj = collections.defaultdict(list)
     for src, dst, etype in self.edges:
@@ -180,7 +189,7 @@ class SceneGraph:
         continue
       for s in subj[r]:
         for o in obj[r]:
-          out.append((self.nodes[s][1], rtag, self.nodes[o][1]))
+          out.append((names[s], rtag, names[o]))
     return out
 
   def node_counts_by_type(self) -> dict[str, int]:

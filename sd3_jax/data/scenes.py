@@ -21,6 +21,11 @@ far object looks "above" a near one. The 3DSG lists, per unordered pair (subject
 lower index), every relation that holds, so closing it under converses (left/right,
 front/behind, on/under, next to) recovers the full gold relation set.
 
+Direction and order rule (visible, so a model can follow it): every graph lists objects in
+the palette order of their colours (`COLOUR_RANK`), then their attributes in the same
+order, then relations sorted by (subject, object), and every relation, in captions, TSG,
+VSG and 3DSG, has as its subject the object whose colour comes first in the palette.
+
 Captions only describe relations that hold *clearly* (margin >= `DESCRIBE_MARGIN`) between
 objects that are visible enough (`describable`): >= 60% of their pixels visible and their
 lowest row (the ground contact the verifier reads depth from) unoccluded and seen against
@@ -60,6 +65,12 @@ CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left
             "behind": "in front of", "in front of": "behind", "on": "under",
             "under": "on", "next to": "next to", "above": "under"}
 MIN_VISIBLE_VSG = 0.2
+# Bumped whenever generated records change: the cached raw scenes are keyed on it.
+FORMAT_VERSION = 2
+# The visible direction rule: colours are unique per scene, so the palette order of an
+# object's colour fixes the order of objects in every graph and the subject of every
+# relation (the object whose colour comes first), in captions, TSG, VSG and 3DSG alike.
+COLOUR_RANK = {c: i for i, c in enumerate(render_lib.PALETTE)}
 MIN_VISIBLE_DESCRIBE = 0.6
 
 
@@ -279,8 +290,8 @@ def choose_described(scene: Scene, rendered: render_lib.Rendered,
   by_pred: dict[str, list] = {}
   for i in np.nonzero(ok)[0]:
     for j in np.nonzero(ok)[0]:
-      if i == j:
-        continue
+      if COLOUR_RANK[cols[i]] >= COLOUR_RANK[cols[j]]:
+        continue  # the direction rule: the subject's colour comes first in the palette
       for p in RELATIONS_3D:
         if pair_margin(g[cols[i]], g[cols[j]], cols[i], cols[j], p) >= DESCRIBE_MARGIN[p]:
           by_pred.setdefault(p, []).append((int(i), p, int(j)))
@@ -325,18 +336,19 @@ class _GraphBuilder:
 def scene_3dsg(scene: Scene) -> dict:
   """Gold 3DSG: every object, its colour/size/pose, all holding 3D relations, the concept."""
   gb = _GraphBuilder()
-  ids = [gb.add("object", o.shape) for o in scene.objects]
-  for o, oid in zip(scene.objects, ids):
+  objects = sorted(scene.objects, key=lambda o: COLOUR_RANK[o.colour])
+  ids = [gb.add("object", o.shape) for o in objects]
+  for o, oid in zip(objects, ids):
     for attr in (o.colour, o.size, o.pose):
       if attr is not None:
         gb.edge(gb.add("attribute", attr), oid, "attr-of")
   g = gold_geoms(scene)
-  cols = [o.colour for o in scene.objects]
+  cols = [o.colour for o in objects]
   for i in range(len(ids)):
     for j in range(i + 1, len(ids)):
       for p in RELATIONS_3D:
         if p in ("to the right of", "in front of", "under"):
-          continue  # the converse of a listed one; subject = lower index
+          continue  # the converse of a listed one; subject = first in palette order
         if pair_margin(g[cols[i]], g[cols[j]], cols[i], cols[j], p) >= 0:
           gb.relation(ids[i], p, ids[j])
         elif p in ("to the left of", "behind", "on") and pair_margin(
@@ -377,10 +389,12 @@ def scene_vsg(scene: Scene, rendered: render_lib.Rendered) -> dict:
   """VSG: objects >= 20% visible, their colour, one 2D box relation per pair."""
   gb = _GraphBuilder()
   frac = rendered.visible_fraction
-  vis = [i for i in range(len(scene.objects)) if frac[i] >= MIN_VISIBLE_VSG]
+  vis = sorted((i for i in range(len(scene.objects)) if frac[i] >= MIN_VISIBLE_VSG),
+               key=lambda i: COLOUR_RANK[scene.objects[i].colour])
   ids = {}
   for i in vis:
     ids[i] = gb.add("object", scene.objects[i].shape)
+  for i in vis:
     gb.edge(gb.add("attribute", scene.objects[i].colour), ids[i], "attr-of")
   boxes = {i: rendered.box(i) for i in vis}
   for a, i in enumerate(vis):
@@ -390,22 +404,39 @@ def scene_vsg(scene: Scene, rendered: render_lib.Rendered) -> dict:
 
 
 def caption_tsg(caption: str) -> dict:
-  """TSG: the objects, attributes and relations one caption states (no concept node)."""
-  gb = _GraphBuilder()
-  ids: dict[str, int] = {}
-  attrs: dict[str, set] = {}
+  """TSG: the objects, attributes and relations one caption states (no concept node).
+
+  Laid out like the 3DSG: objects in palette order, each with its colour (and size), then
+  the relations sorted by (subject, object), each stated with the subject first in palette
+  order (a caption's "blue under red" is "red on blue" here).
+  """
+  descs: dict[str, scene_captions.ObjectDesc] = {}
+  sizes: dict[str, str] = {}
+  rels = []
   for s, p, o in scene_captions.parse_caption(caption):
+    ends = []
     for desc in (s, o):
       d = scene_captions.parse_desc(desc)
-      if d.colour not in ids:
-        ids[d.colour] = gb.add("object", d.shape or "object")
-        attrs[d.colour] = set()
-        gb.edge(gb.add("attribute", d.colour), ids[d.colour], "attr-of")
-      if d.size and d.size not in attrs[d.colour]:
-        attrs[d.colour].add(d.size)
-        gb.edge(gb.add("attribute", d.size), ids[d.colour], "attr-of")
-    gb.relation(ids[scene_captions.parse_desc(s).colour], p,
-                ids[scene_captions.parse_desc(o).colour])
+      descs.setdefault(d.colour, d)
+      if d.size:
+        sizes.setdefault(d.colour, d.size)
+      ends.append(d.colour)
+    a, b = ends
+    if COLOUR_RANK.get(a, 99) > COLOUR_RANK.get(b, 99) and CONVERSE.get(CONVERSE.get(p)) == p:
+      a, p, b = b, CONVERSE[p], a
+    rels.append((a, p, b))
+  gb = _GraphBuilder()
+  ids = {}
+  colours = sorted(descs, key=lambda c: COLOUR_RANK.get(c, 99))
+  for colour in colours:
+    ids[colour] = gb.add("object", descs[colour].shape or "object")
+  for colour in colours:
+    gb.edge(gb.add("attribute", colour), ids[colour], "attr-of")
+    if colour in sizes:
+      gb.edge(gb.add("attribute", sizes[colour]), ids[colour], "attr-of")
+  order = {p: k for k, p in enumerate(RELATIONS_3D + ("above",))}
+  for a, p, b in sorted(set(rels), key=lambda r: (ids[r[0]], ids[r[2]], order.get(r[1], 99))):
+    gb.relation(ids[a], p, ids[b])
   return gb.graph()
 
 

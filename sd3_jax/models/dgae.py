@@ -56,6 +56,10 @@ class DGAEConfig:
     levels: FSQ levels per code dimension.
     node_noise: std of Gaussian noise on the encoder's input node embeddings in training
       (GLAD-style; 0 disables).
+    slot_positions: S > 0 adds a learned embedding per slot position (S >= N) to the
+      decoder input: graphs come in one canonical node order (`data/scenes.py`), so where a
+      node sits tells which object an attribute or relation belongs to, which equal codes
+      alone cannot; 0 = the permutation-equivariant decoder.
   """
   num_tags: int = 64
   width: int = 64
@@ -65,6 +69,7 @@ class DGAEConfig:
   pair_width: int = 64
   levels: tuple[int, ...] = (8, 5, 5, 5)
   node_noise: float = 0.0
+  slot_positions: int = 0
 
 
 def _dense(features: int, names: Sequence[Optional[str]], name: str) -> nn.Dense:
@@ -171,6 +176,14 @@ class DGAEDecoder(nn.Module):
     empty_embed = self.param("empty_embed", layers.dense_init(
         ("embed",), nn.initializers.normal(0.02)), (cfg.width,))
     x = jnp.where(present[..., None], x, empty_embed)
+    if cfg.slot_positions:
+      n = codes.shape[1]
+      if n > cfg.slot_positions:
+        raise ValueError(f"{n} graph slots, more than slot_positions={cfg.slot_positions}")
+      slots = self.param("slot_embed", layers.dense_init((None, "embed"),
+                                                         nn.initializers.normal(0.02)),
+                         (cfg.slot_positions, cfg.width))
+      x = x + slots[:n]
     x = layers.constrain(x, _NODE_AXES)
     # Real slots attend only to real slots: padding never changes real nodes' outputs.
     mask = present[:, None, None, :]
@@ -291,12 +304,17 @@ def _ce(logits: Array, labels: Array) -> Array:
   return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def predict_padded(outputs: Mapping[str, Array],
-                   type_mask: Optional[Array] = None) -> dict[str, Array]:
+def predict_padded(outputs: Mapping[str, Array], type_mask: Optional[Array] = None,
+                   constrained: bool = True) -> dict[str, Array]:
   """Logits -> argmax'd padded arrays (node_type/node_tag/node_mask/adjacency), [B, ...].
 
   The tag is the argmax among the tags of the predicted type when `type_mask` is given;
-  the diagonal and pairs touching a predicted-EMPTY slot get no edge.
+  the diagonal and pairs touching a predicted-EMPTY slot get no edge. `constrained` reads
+  the edges the way the schema allows them: each relation node gets exactly one subject
+  and one (other) object, each attribute one owner, all among the predicted objects (the
+  most likely ones), and part-of edges only from objects to concepts. Unconstrained,
+  every ordered pair takes its own argmax edge type, and an uncertain decoder floods the
+  readout with relation ends (many triples per relation node).
   """
   type_class = jnp.argmax(outputs["node_type"], axis=-1)
   node_mask = type_class > 0
@@ -308,8 +326,46 @@ def predict_padded(outputs: Mapping[str, Array],
   n = node_mask.shape[-1]
   keep = node_mask[:, :, None] & node_mask[:, None, :] & ~jnp.eye(n, dtype=bool)
   adjacency = jnp.where(keep, jnp.argmax(outputs["edge"], axis=-1), 0)
+  if constrained:
+    adjacency = _constrained_edges(outputs["edge"], node_type, node_mask)
   return {"node_type": node_type, "node_tag": node_tag.astype(jnp.int32),
           "node_mask": node_mask, "adjacency": adjacency.astype(jnp.int32)}
+
+
+def _constrained_edges(edge_logits: Array, node_type: Array, node_mask: Array) -> Array:
+  """The schema-constrained adjacency [B, N, N] (see `predict_padded`)."""
+  et, nt = schema.EDGE_TYPE_INDEX, schema.NODE_TYPE_INDEX
+  logp = jax.nn.log_softmax(edge_logits.astype(jnp.float32), -1)
+  # How much more likely than "no edge" each typed edge is.
+  score = logp - logp[..., :1]
+  is_type = lambda name: node_mask & (node_type == nt[name])  # noqa: E731
+  obj, attr, rel, concept = (is_type(n) for n in ("object", "attribute", "relation",
+                                                  "concept"))
+  neg = jnp.float32(-1e9)
+  n = node_mask.shape[-1]
+  slots = jnp.arange(n)
+  # Subject of relation r: the object s maximising score[s, r, subj].
+  subj_score = jnp.where(obj[:, :, None], score[..., et["subj"]], neg)  # [B, s, r]
+  subj = jnp.argmax(subj_score, axis=1)  # [B, r]
+  # Object of relation r: the object o != subject maximising score[r, o, obj].
+  obj_score = jnp.where(obj[:, None, :] & (slots[None, None, :] != subj[:, :, None]),
+                        score[..., et["obj"]], neg)  # [B, r, o]
+  obj_end = jnp.argmax(obj_score, axis=2)  # [B, r]
+  owner = jnp.argmax(jnp.where(obj[:, None, :], score[..., et["attr-of"]], neg), axis=2)
+  has_obj = jnp.any(obj, -1)[:, None]
+  two_obj = (jnp.sum(obj, -1) >= 2)[:, None]
+  one_hot = lambda idx: idx[..., None] == slots  # noqa: E731  [B, r] -> [B, r, N]
+  adj = jnp.zeros(score.shape[:3], jnp.int32)
+  # subj edges go object -> relation: adj[s, r].
+  subj_edge = jnp.swapaxes(one_hot(subj) & (rel & two_obj)[..., None], 1, 2)
+  obj_edge = one_hot(obj_end) & (rel & two_obj)[..., None]
+  attr_edge = one_hot(owner) & (attr & has_obj)[..., None]
+  part_of = obj[:, :, None] & concept[:, None, :] & (score[..., et["part-of"]] > 0)
+  adj = jnp.where(subj_edge, et["subj"], adj)
+  adj = jnp.where(obj_edge, et["obj"], adj)
+  adj = jnp.where(attr_edge, et["attr-of"], adj)
+  adj = jnp.where(part_of, et["part-of"], adj)
+  return adj.astype(jnp.int32)
 
 
 def decode_to_graphs(outputs: Mapping[str, Array], vocab: graphs_lib.GraphVocab,

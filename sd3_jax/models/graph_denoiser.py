@@ -6,8 +6,8 @@ because the 3DSG is larger than its 2DSG and the model must say which slots stay
 [MASK] = num_codes + 1 (input only). The head predicts x0 over the `num_codes + 1` classes
 codes + EMPTY, never [MASK].
 
-Network: a permutation-equivariant graph transformer. Node slots are a set, so there are
-no position embeddings; the input is the code embedding (+ optionally the projected FSQ code
+Network: a graph transformer, permutation-equivariant unless `aligned_slots` gives slots
+an identity (below); the input is the code embedding (+ optionally the projected FSQ code
 vector), and each block is adaLN(t) → graph self-attention → adaLN → cross-attention to the
 condition → adaLN → MLP, all residual (the `layers.DenoiserBlock` layout).
 
@@ -34,6 +34,14 @@ The condition has no position embeddings either, so it is a set: permuting the 2
 does not change the output. `teacher_dim` builds the teacher projection (so the student
 call, teacher_feats=None, and the teacher call share one parameter tree). `drop_cond` swaps
 the whole condition of an example for a learned null condition (classifier-free guidance).
+
+Aligned slots (`aligned_slots`, what the configs use). The data lays out the 3DSG, the VSG
+and the TSG in one canonical order (objects by colour, their attributes, relations by
+(subject, object), the concept; `data/scenes.py`), so slot i of the 2DSG and slot i of the
+3DSG usually hold the same thing. A learned slot embedding on both sides and the 2DSG code
+of the same slot added to each z_t slot make "copy what the 2DSG says, then complete it"
+representable and break the symmetry of the all-[MASK] start: without them every masked
+slot gets bit-identical logits and the best the model can learn is the bag of codes.
 
 Readings of how the 2DSG enters (paper.md §1.1, gap 7): (a), the default, starts the chain
 from all-[MASK] and conditions on the 2DSG as above; (b), the bridge, starts from
@@ -247,6 +255,10 @@ class GraphDenoiser(nn.Module):
     null_cond_len: length of the learned null condition.
     dropout_rate, attention_dropout_rate: dropout (active when deterministic=False).
     attention_impl: 'segment' (jraph) or 'dense' self-attention; same parameters.
+    aligned_slots: S > 0 gives slots identity: a learned embedding per slot position
+      (S >= N), shared by z_t and the 2DSG condition tokens, plus the 2DSG code of the same
+      slot added to each z_t slot (module docstring, "Aligned slots"); 0 = the
+      permutation-equivariant set model.
     remat: rematerialise each block in the backward pass.
   """
   num_codes: int
@@ -262,6 +274,7 @@ class GraphDenoiser(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   attention_impl: str = "segment"
+  aligned_slots: int = 0
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -339,6 +352,22 @@ class GraphDenoiser(nn.Module):
                  name="code_embed")(z_t)
     if self.fsq_levels is not None:
       x = x + self._code_features(z_t, d, "code_proj")
+    if self.aligned_slots:
+      n2 = cond_codes.shape[1]
+      if max(n, n2) > self.aligned_slots:
+        raise ValueError(f"{max(n, n2)} graph slots, more than aligned_slots="
+                         f"{self.aligned_slots}")
+      slot_embed = self.param("slot_embed", embed_init, (self.aligned_slots, d),
+                              self.param_dtype)
+      # "Copy what the 2DSG says on this slot": its code, zeroed for the null condition.
+      same_slot = jnp.where(cond_mask.astype(bool), cond_codes, self.num_codes)
+      same_slot = jnp.pad(same_slot, ((0, 0), (0, max(n - n2, 0))),
+                          constant_values=self.num_codes)[:, :n]
+      copy = nn.Embed(self.num_codes + 1, d, embedding_init=embed_init, **kw,
+                      name="slot_cond_embed")(same_slot)
+      if drop_cond is not None:
+        copy = copy * (~drop_cond.astype(bool))[:, None, None]
+      x = x + slot_embed[:n].astype(self.dtype) + copy
     x = constrain(x.astype(self.dtype), _BLOCK_AXES)
     temb = TimestepEmbedding(d, **kw, name="time_embed")(t)
 
@@ -354,6 +383,8 @@ class GraphDenoiser(nn.Module):
     project = lambda feats, name: nn.Dense(  # noqa: E731
         cw, **kw, kernel_init=dense_init((None, "cond_embed")),
         bias_init=zeros_init(("cond_embed",)), name=name)(feats)
+    if self.aligned_slots:
+      g = g + slot_embed[:cond_ids.shape[1]].astype(g.dtype)
     parts = [g + types[0], project(global_feat[:, None, :], "global_proj") + types[1]]
     masks = [cond_mask, jnp.ones((b, 1), bool)]
     if self.teacher_dim is not None:

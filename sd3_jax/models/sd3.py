@@ -69,8 +69,11 @@ class SD3:
     dgae_cfg = dgae_lib.DGAEConfig(
         num_tags=self.graph_vocab_size, width=m.dgae.width, encoder_layers=m.dgae.encoder_layers,
         decoder_layers=m.dgae.decoder_layers, num_heads=m.dgae.num_heads,
-        pair_width=m.dgae.pair_width, levels=levels)
-    code_dim = len(levels)
+        pair_width=m.dgae.pair_width, levels=levels,
+        slot_positions=c.data.max_nodes if m.dgae.slot_positions else 0)
+    # c^G per node: the FSQ vector plus a one-hot of the code id (so the consumers' first
+    # Dense is a code embedding table: nearby FSQ codes mean unrelated content).
+    code_dim = len(levels) + (num_codes if m.graph_interface == "embed" else 0)
     den = dict(image=m.image_denoiser, text=m.text_denoiser, graph=m.graph_denoiser)
     nets = dict(
         vqvae=vq,
@@ -99,7 +102,8 @@ class SD3:
         graph_den=graph_denoiser.GraphDenoiser(
             num_codes=num_codes, width=den["graph"].width, num_layers=den["graph"].num_layers,
             num_heads=den["graph"].num_heads, teacher_dim=den["image"].width,
-            fsq_levels=levels, attention_impl=den["graph"].attention_impl),
+            fsq_levels=levels, attention_impl=den["graph"].attention_impl,
+            aligned_slots=c.data.max_nodes if den["graph"].aligned_slots else 0),
     )
     for name, net in nets.items():
       object.__setattr__(self, name, net)
@@ -124,7 +128,7 @@ class SD3:
     tokens = jnp.zeros((b, self.grid * self.grid), jnp.int32)
     graph = graph_of(batch, "vsg")
     n = graph["node_mask"].shape[1]
-    codes = jnp.zeros((b, n, len(self.levels)))
+    codes = jnp.zeros((b, n, self.image_den.graph_dim))
     node_mask = graph["node_mask"]
     t = jnp.ones((b,), jnp.int32)
     clip_vars = self.clip.init(keys["clip"], ids, mask, image)
@@ -194,6 +198,8 @@ class SD3:
     quantizer = fsq_lib.FSQ(self.levels)
     real = ids < quantizer.codebook_size
     codes = quantizer.normalize(quantizer.indices_to_codes(jnp.where(real, ids, 0)))
+    if self.config.model.graph_interface == "embed":
+      codes = jnp.concatenate([codes, jax.nn.one_hot(ids, quantizer.codebook_size)], -1)
     return codes * real[..., None], real
 
   def g_t_prefix(self, params, text_ids, text_mask, codes, node_mask):

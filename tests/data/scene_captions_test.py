@@ -72,6 +72,16 @@ def test_v1_uses_canonical_predicates_and_v2_is_longer():
 def test_caption_tsg_has_only_mentioned_objects():
   g = scenes.caption_tsg("the small red cube is behind the blue sphere.")
   tags = [(n["type"], n["tag"]) for n in g["nodes"]]
-  assert tags == [("object", "cube"), ("attribute", "red"), ("attribute", "small"),
-                  ("object", "sphere"), ("attribute", "blue"), ("relation", "behind")]
-  assert [0, 5, "subj"] in g["edges"] and [5, 3, "obj"] in g["edges"]
+  # The 3DSG layout: objects in palette order, then their attributes, then relations.
+  assert tags == [("object", "cube"), ("object", "sphere"), ("attribute", "red"),
+                  ("attribute", "small"), ("attribute", "blue"), ("relation", "behind")]
+  assert [0, 5, "subj"] in g["edges"] and [5, 1, "obj"] in g["edges"]
+
+
+def test_caption_tsg_states_relations_by_the_direction_rule():
+  # Red comes before blue in the palette, so red is the subject however the caption says it.
+  said_forward = scenes.caption_tsg("the small red cube is behind the blue sphere.")
+  said_backward = scenes.caption_tsg("the blue sphere is in front of the small red cube.")
+  assert said_forward == said_backward
+
+

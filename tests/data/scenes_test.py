@@ -104,7 +104,8 @@ def test_3dsg_has_every_object_concept_and_part_of():
     g = rec["scene_3dsg"]
     _check_graph(g)
     objs = [i for i, n in enumerate(g["nodes"]) if n["type"] == "object"]
-    assert [g["nodes"][i]["tag"] for i in objs] == [o.shape for o in ex.scene.objects]
+    by_palette = sorted(ex.scene.objects, key=lambda o: scenes.COLOUR_RANK[o.colour])
+    assert [g["nodes"][i]["tag"] for i in objs] == [o.shape for o in by_palette]
     concepts = [i for i, n in enumerate(g["nodes"]) if n["type"] == "concept"]
     assert len(concepts) == 1 and g["nodes"][concepts[0]]["tag"] == ex.scene.concept
     part_of = {s for s, d, et in g["edges"] if et == "part-of" and d == concepts[0]}
@@ -113,6 +114,29 @@ def test_3dsg_has_every_object_concept_and_part_of():
       assert g["nodes"][r]["tag"] in schema.PREDICATES
     _check_graph(rec["vsg"])
     _check_graph(rec["tsg"])
+
+
+def _colour_of(graph):
+  return {d: graph["nodes"][s]["tag"] for s, d, et in graph["edges"]
+          if et == "attr-of" and graph["nodes"][s]["tag"] in scenes.COLOUR_RANK}
+
+
+def test_every_graph_and_caption_follows_the_palette_direction_rule():
+  for seed in range(40):
+    ex, rec = _record(seed)
+    for key in ("scene_3dsg", "vsg", "tsg"):
+      g = rec[key]
+      colour = _colour_of(g)
+      objs = [i for i, n in enumerate(g["nodes"]) if n["type"] == "object"]
+      ranks = [scenes.COLOUR_RANK[colour[i]] for i in objs]
+      assert ranks == sorted(ranks) and objs == list(range(len(objs))), key
+      subj = {d: s for s, d, et in g["edges"] if et == "subj"}
+      obj = {s: d for s, d, et in g["edges"] if et == "obj"}
+      for r in subj:
+        assert scenes.COLOUR_RANK[colour[subj[r]]] < scenes.COLOUR_RANK[colour[obj[r]]], key
+    for t in rec["triple_list"]:
+      s_col, o_col = t["s"].split()[-2], t["o"].split()[-2]
+      assert scenes.COLOUR_RANK[s_col] < scenes.COLOUR_RANK[o_col]
 
 
 def test_vsg_has_no_hidden_object_and_differs_from_3dsg_sometimes():
