@@ -144,7 +144,8 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=1.0,
       batch_size=64, split="test",
-      graph_sampler="confidence"))  # confidence | ancestral (3DSG sampling, generate.py)
+      # ancestral | confidence per chain (generate._sample).
+      image_sampler="ancestral", text_sampler="confidence", graph_sampler="confidence"))
   # Local files for the paper's metrics (nothing is downloaded); unset -> that table cell is
   # blank with the reason. FID/IS: the FID InceptionV3 .pth; CLIP score: a HF CLIP directory;
   # METEOR / SPICE: directories with their jars (Java needed).

@@ -76,38 +76,29 @@ def restore_weights(directory, abstract_weights: dict, step: Optional[int] = Non
       raise FileNotFoundError(f"no checkpoint in {directory}")
     item = {"ema_params": abstract_weights["params"],
             "model_state": abstract_weights["model_state"]}
+    # Networks whose saved shapes differ from the target's (another config) stay fresh.
+    saved = ocp.PyTreeCheckpointer().metadata(
+        pathlib.Path(manager.directory) / str(step) / "state").item_metadata.tree
+    fresh = sorted({name for key, targets in item.items() for name, target in targets.items()
+                    if not _fits(saved.get(key, {}).get(name), target)})
+    item = {key: {name: t for name, t in targets.items() if name not in fresh}
+            for key, targets in item.items()}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True)))["state"]
-    except ValueError:
-      # Some network changed shape (another config): take the networks that still fit.
-      return _restore_matching(manager, step, item)
-    return {"params": restored["ema_params"], "model_state": restored["model_state"],
-            "fresh": []}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+    return {"params": dict(restored["ema_params"], **{n: None for n in fresh
+                                                      if n in abstract_weights["params"]}),
+            "model_state": dict(restored["model_state"],
+                                **{n: None for n in fresh
+                                   if n in abstract_weights["model_state"]}),
+            "fresh": fresh}
   finally:
     manager.close()
 
 
-def _restore_matching(manager, step, item) -> dict:
-  """Per network: the saved EMA weights where they fit the target's shapes, else the
-  target stays fresh (None; its name is returned in 'fresh'). One partial restore per
-  network, onto the target's shardings."""
-  out, fresh = {"ema_params": {}, "model_state": {}}, []
-  for key, targets in item.items():
-    for name, target in targets.items():
-      part = {key: {name: target}}
-      try:
-        got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=part, restore_args=ocp.checkpoint_utils.construct_restore_args(part),
-            partial_restore=True)))["state"]
-        got = got[key][name]
-        # Leaves the checkpoint lacks come back as the target's placeholders.
-        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(got)):
-          raise KeyError(name)
-        out[key][name] = got
-      except (ValueError, KeyError):
-        out[key][name] = None
-        fresh.append(name)
-  return {"params": out["ema_params"], "model_state": out["model_state"],
-          "fresh": sorted(set(fresh))}
+def _fits(saved, target) -> bool:
+  """Same tree and leaf shapes (saved: orbax array metadata; target: abstract arrays)."""
+  if saved is None or jax.tree.structure(saved) != jax.tree.structure(target):
+    return False
+  return all(tuple(a.shape) == tuple(b.shape)
+             for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(target)))

@@ -18,9 +18,21 @@ from sd3_jax.models import text_denoiser
 
 
 def _sample(process, denoise_fn, key, shape, cond, *, num_steps, truncation_r=None,
-            guidance_scale=None, mask=None, pad_id=0):
+            guidance_scale=None, mask=None, pad_id=0, sampler="ancestral"):
+  """`sampler`: 'ancestral' (the strided posterior chain, tokens drawn independently per
+  position) or 'confidence' (MaskGIT-style: the most confident positions are committed
+  first, argmax; tokens then condition on each other instead of being drawn blind in
+  parallel, which is what repeats words like "the blue blue cube")."""
   guided = guidance_scale is not None and guidance_scale != 1.0
   null = dict(cond, drop=jnp.ones_like(cond["drop"])) if guided else None
+  if sampler == "confidence":
+    return diffusion.confidence_sample(
+        process, denoise_fn, key, shape, cond, num_steps=num_steps,
+        guidance_scale=guidance_scale if guided else None, null_cond=null, mask=mask,
+        pad_id=pad_id)
+  if sampler != "ancestral":
+    raise ValueError(f"unknown sampler {sampler!r} (config keys eval.image_sampler / "
+                     "eval.text_sampler); use 'ancestral' or 'confidence'")
   return diffusion.sample(process, denoise_fn, key, shape, cond, num_steps=num_steps,
                           truncation_r=truncation_r, guidance_scale=guidance_scale if guided
                           else None, null_cond=null, mask=mask, pad_id=pad_id)
@@ -83,7 +95,7 @@ def st2i(model: sd3_lib.SD3, config, params, model_state, batch: Mapping[str, An
 
   tokens = _sample(model.image_process, denoise, k_i, (b, model.grid * model.grid), cond,
                    num_steps=num_steps, truncation_r=truncation_r,
-                   guidance_scale=guidance_scale)
+                   guidance_scale=guidance_scale, sampler=config.eval.image_sampler)
   if flags["graph"]:  # Î = G_V(ẑ^{I+}) (eq. 4-5)
     latents = model.image_latents(params, model_state, tokens)
     out["images"] = model.g_v.apply({"params": params["g_v"]}, latents, g_feats, g_mask)
@@ -121,7 +133,8 @@ def si2t(model: sd3_lib.SD3, config, params, model_state, batch: Mapping[str, An
     return logits
 
   tokens = _sample(model.text_process, denoise, k_y, (b, length), cond, num_steps=num_steps,
-                   truncation_r=truncation_r, guidance_scale=guidance_scale, mask=text_mask)
+                   truncation_r=truncation_r, guidance_scale=guidance_scale, mask=text_mask,
+                   sampler=config.eval.text_sampler)
   if flags["graph"]:  # Ŷ = G_T([ẑ^Y_0 ; ẑ^G_0]) (eq. 6)
     prefix, prefix_mask = model.g_t_prefix(params, tokens, text_mask, g_feats, g_mask)
     tokens = model.g_t.greedy_decode(params["g_t"], length, prefix, prefix_mask)
