@@ -44,7 +44,7 @@ def get_config(arg=None):
   for name in ("image_denoiser", "text_denoiser", "graph_denoiser", "text_decoder", "prior"):
     model[name].update(width=64, num_layers=2, num_heads=4)
 
-  for name, steps in (("stage0a", 300), ("stage0b", 100), ("stage1", 150), ("stage2", 60),
+  for name, steps in (("stage0a", 300), ("stage0b", 100), ("stage1", 600), ("stage2", 60),
                       ("stage3", 80), ("stage4", 120)):
     config[name].update(num_steps=steps, warmup_steps=min(config[name].warmup_steps,
                                                           steps // 5))

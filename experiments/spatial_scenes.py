@@ -19,7 +19,7 @@ def _stage(num_steps, lr, warmup_steps=50, weight_decay=1e-4, substeps=1):
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, tiny=False, variant="sd3")
+  arg = config_lib.parse_arg(arg, tiny=False, full=False, variant="sd3")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.mode = "train"  # train | eval | sample
@@ -37,20 +37,22 @@ def get_config(arg=None):
   config.data = data = ml_collections.ConfigDict()
   data.name = "spatial_scenes"
   data.dir = ml_collections.config_dict.placeholder(str)  # default: <workdir>/data
-  data.num_train = 4_000
-  data.num_val = 500
-  data.num_test = 500
+  # The default tier: 32x32 images, 2-4 objects (all eight relations, occlusion and
+  # stacking stay); `:full` is the 64x64, 2-5 object tier.
+  data.num_train = 10_000
+  data.num_val = 300
+  data.num_test = 300
   data.scene_seed = 1234
-  data.image_size = 64
+  data.image_size = 32
   # Difficulty tier: objects per scene (each needs its own colour, at most 7).
   data.min_objects = 2
-  data.max_objects = 5
+  data.max_objects = 4
   data.caption_style = "v1"  # v1 (templated) | v2 (varied, longer) | both
   data.batch_size = 32  # global batch
   data.max_text_len = 48  # covers every templated caption (p99 42 tokens), v2 p99 45
   data.text_vocab_size = 256
-  data.max_nodes = 48
-  data.max_edges = 80
+  data.max_nodes = 40  # 4 objects: <= 35 nodes, <= 52 edges
+  data.max_edges = 64
   data.graph_overflow = "error"  # error | truncate (truncations are counted and reported)
   data.num_workers = 0  # grain worker processes; 0 = in-process
   data.check_batches = 20  # batches the data stage reads back to report throughput
@@ -58,7 +60,9 @@ def get_config(arg=None):
   # One discrete-diffusion setting for the three chains: the dual terms pair them at the
   # same t, so they share T.
   config.diffusion = diff = ml_collections.ConfigDict()
-  diff.kind = "mask_and_replace"  # mask_and_replace | absorbing | uniform
+  # Absorbing: a committed token is never redrawn (with mask-and-replace the sampler redraws
+  # committed tokens while the model cannot yet copy; README "Recipe").
+  diff.kind = "absorbing"  # mask_and_replace | absorbing | uniform
   diff.schedule = "alpha1"  # alpha1 (VQ-Diffusion as released) | linear | cosine
   diff.num_steps = 100
   diff.aux_weight = 5e-4  # VQ-Diffusion's auxiliary x0 cross-entropy weight λ
@@ -67,11 +71,11 @@ def get_config(arg=None):
   diff.graph_drop_rate = 0.1  # stage 4: drops c^G alone, so the chains stay text/image-led
 
   config.model = model = ml_collections.ConfigDict()
-  # f=8 (8x8 tokens at 64x64) keeps the default job within 15 CPU minutes; f=4
-  # (channel_mults=(1, 2)) keeps more of the scene (`python -m sd3_jax.benchmarks.vqvae`).
+  # f=4 (8x8 tokens at 32x32) with 256 codes: at f=8 / 1024 codes the token marginal was
+  # near uniform (6.4 nats), a needlessly hard target for the image chain.
   # object_weight: the loss weight of object pixels (a few % of a render) vs background.
   model.vqvae = ml_collections.ConfigDict(dict(
-      codebook_size=1024, embed_dim=32, base_channels=16, channel_mults=(1, 2, 2),
+      codebook_size=256, embed_dim=32, base_channels=16, channel_mults=(1, 2),
       num_res_blocks=1, quantizer="ema", fsq_levels=(8, 5, 5, 5), commitment=0.25,
       ema_decay=0.99, dead_code_steps=50, object_weight=20.0, l1_weight=1.0))
   model.clip = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4,
@@ -106,16 +110,16 @@ def get_config(arg=None):
   # log/checkpoint/sample steps). Each XLA:CPU call maps and zeroes a fresh temp arena
   # (780 MiB for the dual step), so 5 per call make stages 1, 3 and 4 15-40% faster; stages
   # that train convolutions keep 1 (XLA:CPU's conv weight gradients in a loop are ~25x slower).
-  config.stage0a = _stage(270, 2e-3)  # VQ-VAE
-  config.stage0b = _stage(100, 1e-3)  # contrastive encoders + marginal priors p̂(y), p̂(i)
-  config.stage1 = _stage(150, 2e-3, substeps=5)  # DGAE
+  config.stage0a = _stage(800, 2e-3)  # VQ-VAE
+  config.stage0b = _stage(800, 1e-3)  # contrastive encoders + marginal priors p̂(y), p̂(i)
+  config.stage1 = _stage(800, 2e-3, substeps=5)  # DGAE
   # The DGAE quality gate: held-out floors checked before the graph diffusion trains on its
   # codes (the run stops with a message below them).
   config.stage1.min_tag_acc = 0.98
   config.stage1.min_edge_f1 = 0.95
-  config.stage2 = _stage(80, 1e-3)  # G_V adapter + G_T
-  config.stage3 = _stage(100, 1e-3, substeps=5)  # graph diffusion
-  config.stage4 = _stage(100, 1e-3, warmup_steps=20, weight_decay=1e-2, substeps=5)  # dual
+  config.stage2 = _stage(300, 1e-3)  # G_V adapter + G_T
+  config.stage3 = _stage(1500, 1e-3, substeps=5)  # graph diffusion
+  config.stage4 = _stage(1200, 1e-3, warmup_steps=100, weight_decay=1e-2, substeps=5)  # dual
   # The condition encoders (c^Y, c^I) keep learning in stage 4, from the chains' losses.
   config.stage4.train_encoders = True
 
@@ -139,10 +143,10 @@ def get_config(arg=None):
       sample_every_steps=0,
       # Stage-4 held-out curve points (ST2I / SI2T spatial accuracy, 3DSG F1, baselines) on
       # `curve_examples` val examples every N steps, drawn in curves.png; 0: none.
-      eval_every_steps=0, curve_examples=64))
+      eval_every_steps=400, curve_examples=64))
 
   config.eval = ml_collections.ConfigDict(dict(
-      num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=1.0,
+      num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=3.0,
       batch_size=64, split="test",
       # ancestral | confidence per chain (generate._sample).
       image_sampler="ancestral", text_sampler="confidence", graph_sampler="confidence"))
@@ -178,6 +182,15 @@ def get_config(arg=None):
       ("conv_out", None),  # RGB outputs (3 channels) do not split over tensor
   ]
 
+  if arg.full:
+    # The full tier: 64x64, 2-5 objects, f=4 (16x16 tokens), longer stages (hours on CPU).
+    data.update(image_size=64, min_objects=2, max_objects=5, max_nodes=48, max_edges=80,
+                num_train=40_000, num_val=500, num_test=500)
+    model.vqvae.update(codebook_size=512)
+    for name, steps in (("stage0a", 3000), ("stage0b", 3000), ("stage1", 2000),
+                        ("stage2", 1000), ("stage3", 10_000), ("stage4", 20_000)):
+      config[name].num_steps = steps
+    config.train.eval_every_steps = 2000
   if arg.tiny:
     data.num_train, data.num_val, data.num_test = 64, 16, 16
     data.image_size = 32
