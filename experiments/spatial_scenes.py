@@ -104,7 +104,8 @@ def get_config(arg=None):
   # Shared optimizer settings; per-stage step counts and learning rates below.
   config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, grad_clip=1.0,
                                                 end_lr_factor=0.1, ema_decay=0.99))
-  # Sized so the whole default job fits ~15 minutes on 2 CPU cores; scale up on accelerators.
+  # Sized for ~35 minutes of the whole default job on 2 CPU cores (README: what each stage
+  # costs and reaches); scale up on accelerators.
   # Each stage also pays ~30-40 s of compilation and held-out evaluation on 2 CPU cores.
   # `substeps`: train steps per compiled call (a lax.scan, same results; calls also end at
   # log/checkpoint/sample steps). Each XLA:CPU call maps and zeroes a fresh temp arena
