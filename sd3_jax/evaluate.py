@@ -157,16 +157,12 @@ def _graph_metrics(model, config, params, model_state, mesh):
   for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, "val",
                                                        config.eval.num_samples)):
     valid = np.asarray(host["valid"])
-    golds = [graphs_lib.SceneGraph.from_json(r.scene_3dsg) for r in recs]
+    gold = {k: np.asarray(v)[valid] for k, v in sd3_lib.graph_of(host, "g3d").items()}
     for prefix in ("vsg", "tsg"):
-      for r, gold in zip(recs, golds):
-        counts[f"copy_{prefix}"] += triple_counts(
-            graphs_lib.SceneGraph.from_json(getattr(r, prefix)), gold)
+      counts[f"copy_{prefix}"] += copy_counts(recs, prefix)
       pred = jax.device_get(fns[prefix](params, batch, jax.random.key(i)))
-      pred = {k: np.asarray(v)[valid] for k, v in pred.items()}
-      for b, gold in enumerate(golds):
-        counts[f"from_{prefix}"] += triple_counts(
-            graphs_lib.unpad_graph({k: v[b] for k, v in pred.items()}, vocab), gold)
+      counts[f"from_{prefix}"] += graph_counts(
+          {k: np.asarray(v)[valid] for k, v in pred.items()}, gold, vocab)
   return {f"graph/{kind}_{name}": value for name, c in counts.items()
           for kind, value in triple_scores(*c).items()}
 
@@ -275,6 +271,25 @@ def triple_scores(hits: int, predicted: int, gold: int) -> dict[str, float]:
   """TriRec, triple precision and F1 from summed `triple_counts`."""
   rec, prec = hits / max(gold, 1), hits / max(predicted, 1)
   return {"trirec": rec, "triprec": prec, "trif1": 2 * hits / max(predicted + gold, 1)}
+
+
+def copy_counts(records, prefix: str) -> np.ndarray:
+  """Summed `triple_counts` of the records' own 2DSG (`prefix` 'vsg' / 'tsg') against
+  their gold 3DSG: the copy-the-input baseline."""
+  total = np.zeros(3, np.int64)
+  for r in records:
+    total += triple_counts(graphs_lib.SceneGraph.from_json(getattr(r, prefix)),
+                           graphs_lib.SceneGraph.from_json(r.scene_3dsg))
+  return total
+
+
+def prompt_hits(images: np.ndarray, prompts: Sequence[str]) -> list[list[bool]]:
+  """Per image, per relation its prompt states: does the verifier find it in the image?"""
+  out = []
+  for image, prompt in zip(images, prompts):
+    geoms = verifier.estimate_geoms(image)
+    out.append([verifier.relation_holds(geoms, *t) for t in scene_captions.parse_caption(prompt)])
+  return out
 
 
 def graph_counts(pred_padded: dict, gold_padded: dict,
@@ -407,15 +422,11 @@ def spatial_baselines(real_images: np.ndarray, prompts: Sequence[str],
   n = len(prompts)
   if n == 0:
     return {}
-  geoms = [verifier.estimate_geoms(image) for image in real_images[:n]]
-
-  def image_hits(shift):
-    return [[verifier.relation_holds(geoms[(j + shift) % n], *t)
-             for t in scene_captions.parse_caption(prompts[j])] for j in range(n)]
-
+  real_images = real_images[:n]
   shuffled = [prompts[(j + 1) % n] for j in range(n)]
-  return {"st2i/spatial_acc_real": verifier.spatial_accuracy(image_hits(0)),
-          "st2i/spatial_acc_chance": verifier.spatial_accuracy(image_hits(1)),
+  return {"st2i/spatial_acc_real": verifier.spatial_accuracy(prompt_hits(real_images, prompts)),
+          "st2i/spatial_acc_chance": verifier.spatial_accuracy(
+              prompt_hits(np.roll(real_images, -1, axis=0), prompts)),
           "si2t/spatial_acc_chance": verifier.spatial_accuracy(
               verifier.verify_captions(shuffled, list(golds)))}
 
@@ -496,10 +507,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
         pred = jax.device_get(predict(graph(params, out["graph_codes"])))
         pred = {k: np.asarray(v)[rows] for k, v in pred.items()}
         graph_totals[f"from_{prefix}"] += graph_counts(pred, gold_padded, vocab)
-        for r in recs:
-          graph_totals[f"copy_{prefix}"] += triple_counts(
-              graphs_lib.SceneGraph.from_json(getattr(r, prefix)),
-              graphs_lib.SceneGraph.from_json(r.scene_3dsg))
+        graph_totals[f"copy_{prefix}"] += copy_counts(recs, prefix)
 
     prompts += [refs[j][0] for j in rows]
     captions += text

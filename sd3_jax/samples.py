@@ -15,10 +15,10 @@ from sd3_jax import steps
 from sd3_jax import visualize
 from sd3_jax.data import builders
 from sd3_jax.data import graphs as graphs_lib
-from sd3_jax.data import scene_captions
 from sd3_jax.data import tokenizer as tokenizer_lib
 from sd3_jax.data import verifier
 from sd3_jax.models import dgae as dgae_lib
+from sd3_jax.models import sd3 as sd3_lib
 
 
 class SampleSheets:
@@ -104,11 +104,8 @@ class CurvePoints:
       gen_i = jax.device_get(self._st2i(params, model_state, batch, key))
       gen_y = jax.device_get(self._si2t(params, model_state, batch, jax.random.fold_in(key, 1)))
       refs = [r[0] for r in np.asarray(host["references"])[valid]]
-      images = visualize.to_uint8(np.asarray(gen_i["images"])[valid])
-      for image, prompt in zip(images, refs):
-        geoms = verifier.estimate_geoms(image)
-        image_hits.append([verifier.relation_holds(geoms, *t)
-                           for t in scene_captions.parse_caption(prompt)])
+      image_hits += evaluate.prompt_hits(
+          visualize.to_uint8(np.asarray(gen_i["images"])[valid]), refs)
       text = tokenizer_lib.decode_batch(self._tokenizer, gen_y["text_ids"][valid],
                                         gen_y["text_mask"][valid])
       caption_hits += verifier.verify_captions(text, [r.scene_3dsg for r in recs])
@@ -116,15 +113,12 @@ class CurvePoints:
       prompts += refs
       golds += [r.scene_3dsg for r in recs]
       if self._graphs:
+        gold = {k: np.asarray(v)[valid] for k, v in sd3_lib.graph_of(host, "g3d").items()}
         for prefix, out in (("tsg", gen_i), ("vsg", gen_y)):
           pred = jax.device_get(self._predict(self._graph(params, out["graph_codes"])))
-          for b, r in enumerate(recs):
-            gold = graphs_lib.SceneGraph.from_json(r.scene_3dsg)
-            one = {k: np.asarray(v)[valid][b] for k, v in pred.items()}
-            counts[f"from_{prefix}"] += evaluate.triple_counts(
-                graphs_lib.unpad_graph(one, self._vocab), gold)
-            counts[f"copy_{prefix}"] += evaluate.triple_counts(
-                graphs_lib.SceneGraph.from_json(getattr(r, prefix)), gold)
+          counts[f"from_{prefix}"] += evaluate.graph_counts(
+              {k: np.asarray(v)[valid] for k, v in pred.items()}, gold, self._vocab)
+          counts[f"copy_{prefix}"] += evaluate.copy_counts(recs, prefix)
     if self._baselines is None:
       self._baselines = evaluate.spatial_baselines(np.concatenate(reals), prompts, golds)
     point = {"curve/st2i_spatial_acc": verifier.spatial_accuracy(image_hits),

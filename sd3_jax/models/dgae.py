@@ -323,11 +323,12 @@ def predict_padded(outputs: Mapping[str, Array], type_mask: Optional[Array] = No
   if type_mask is not None:
     tag_logits = jnp.where(tag_mask_for_types(type_mask, node_type), tag_logits, -1e9)
   node_tag = jnp.where(node_mask, jnp.argmax(tag_logits, axis=-1), graphs_lib.PAD_ID)
-  n = node_mask.shape[-1]
-  keep = node_mask[:, :, None] & node_mask[:, None, :] & ~jnp.eye(n, dtype=bool)
-  adjacency = jnp.where(keep, jnp.argmax(outputs["edge"], axis=-1), 0)
   if constrained:
     adjacency = _constrained_edges(outputs["edge"], node_type, node_mask)
+  else:
+    n = node_mask.shape[-1]
+    keep = node_mask[:, :, None] & node_mask[:, None, :] & ~jnp.eye(n, dtype=bool)
+    adjacency = jnp.where(keep, jnp.argmax(outputs["edge"], axis=-1), 0)
   return {"node_type": node_type, "node_tag": node_tag.astype(jnp.int32),
           "node_mask": node_mask, "adjacency": adjacency.astype(jnp.int32)}
 
