@@ -11,6 +11,12 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from sd3_jax import metrics as metrics_lib
+
+# Async saves overlap training; orbax's note that a save waited for the previous one is noise.
+metrics_lib.drop_library_messages("Waiting for previous save to complete",
+                                   "Metadata file does not exist")
+
 
 def make_manager(directory, *, max_to_keep: int = 2, save_interval_steps: int = 1,
                  async_save: bool = True) -> ocp.CheckpointManager:

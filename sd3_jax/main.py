@@ -8,6 +8,7 @@ localhost tests) set `SD3_JAX_COORDINATOR=host:port`, `SD3_JAX_NUM_PROCESSES=N` 
 `SD3_JAX_PROCESS_ID=i` (0 <= i < N; process 0 hosts the coordinator on that port).
 """
 import os
+import sys
 from typing import Mapping, Optional
 
 from absl import app, flags, logging
@@ -61,15 +62,36 @@ def initialize_distributed(environ: Optional[Mapping[str, str]] = None) -> bool:
   return True
 
 
+def user_error_types() -> tuple[type, ...]:
+  """Errors that are the user's to fix (a config value, an input file): one line, exit 2."""
+  from sd3_jax import config_lib
+  from sd3_jax.data import schema
+
+  return (config_lib.ConfigError, schema.DataError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    _main()
+  except user_error_types() as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _main():
   import jax  # after flag parsing, so XLA flags from the environment apply
+
+  from sd3_jax import config_lib
 
   # Progress lines go to stdout (metrics.say); libraries' INFO chatter (orbax) stays off.
   logging.set_verbosity(logging.WARNING)
 
-  initialize_distributed()
+  try:
+    initialize_distributed()
+  except ValueError as e:  # a partial SD3_JAX_* setting
+    raise config_lib.ConfigError(str(e)) from None
   logging.info("process %d/%d, %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)

@@ -4,6 +4,7 @@
 examples/s, ETA and the losses.
 """
 import json
+import logging as logging_std
 import math
 import pathlib
 import time
@@ -17,6 +18,23 @@ def say(message: str):
   """One line for the user: to the absl log and to stdout (absl hides INFO without app.run)."""
   logging.info(message)
   print(message, flush=True)
+
+
+class _DropMessages(logging_std.Filter):
+  def __init__(self, prefixes):
+    super().__init__()
+    self.prefixes = tuple(prefixes)
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith(self.prefixes)
+
+
+def drop_library_messages(*prefixes: str) -> None:
+  """Drops absl-log records starting with `prefixes`: a library's messages that tell the user
+  nothing (TFDS's per-builder "custom data configuration", orbax's save-wait notes)."""
+  handler_filters = logging.get_absl_logger().filters
+  if not any(isinstance(f, _DropMessages) and f.prefixes == prefixes for f in handler_filters):
+    logging.get_absl_logger().addFilter(_DropMessages(prefixes))
 
 
 def _scalar(value) -> float:

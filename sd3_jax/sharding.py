@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from sd3_jax import config_lib
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -19,17 +21,17 @@ def make_mesh(mesh_shape: Sequence[tuple[str, int]], devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   names = tuple(name for name, _ in mesh_shape)
   if names != MESH_AXES:
-    raise ValueError(f"mesh axes must be {MESH_AXES}, got {names}")
+    raise config_lib.ConfigError(f"mesh axes (config key mesh) must be {MESH_AXES}, got {names}")
   sizes = [size for _, size in mesh_shape]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {mesh_shape}")
+    raise config_lib.ConfigError(f"at most one mesh axis (config key mesh) may be -1, got {mesh_shape}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh {mesh_shape}")
+      raise config_lib.ConfigError(f"{len(devices)} devices do not divide into config key mesh= {mesh_shape}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
+    raise config_lib.ConfigError(f"config key mesh={dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"have {len(devices)}")
   # Auto axes: logical constraints need them (jax.make_mesh defaults to Explicit).
   return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),

@@ -19,6 +19,7 @@ import flax.linen as nn
 import ml_collections
 
 from sd3_jax import checkpointing
+from sd3_jax import config_lib
 from sd3_jax import evaluate
 from sd3_jax import metrics as metrics_lib
 from sd3_jax import report
@@ -229,8 +230,7 @@ def run(config, workdir) -> dict:
   `config.mode`: 'train' trains what is missing (resuming), then evaluates; 'eval' and
   'sample' only restore the finished stages of `workdir` and evaluate / write samples.
   """
-  if config.mode not in ("train", "eval", "sample"):
-    raise ValueError(f"config.mode must be train, eval or sample, got {config.mode!r}")
+  config_lib.validate(config)
   from sd3_jax.data import stage as data_stage
 
   data_stage.check_local_inputs(config)
@@ -242,6 +242,7 @@ def run(config, workdir) -> dict:
   if lead:
     (workdir / "config.json").write_text(json.dumps(config_json, indent=2))
   mesh = sharding_lib.make_mesh(config.mesh)
+  _check_batch_split(config, mesh)
   stages = steps.stages_to_run(config)
   weights_dir = _initial_weights_dir(config, workdir, stages)  # fails before the data stage
   summary = {"data": data_stage.run(config, mesh)}
@@ -329,6 +330,17 @@ def run(config, workdir) -> dict:
   return summary
 
 
+def _check_batch_split(config, mesh) -> None:
+  """Batches shard over the data and fsdp axes: each must split evenly."""
+  shards = mesh.shape["data"] * mesh.shape.get("fsdp", 1)
+  for key in ("data.batch_size", "eval.batch_size"):
+    value = config[key.split(".")[0]][key.split(".")[1]]
+    if value % shards:
+      raise config_lib.ConfigError(
+          f"{key}={value} must be divisible by the {shards} batch shards of the mesh "
+          f"(data x fsdp = {mesh.shape['data']} x {mesh.shape.get('fsdp', 1)})")
+
+
 def _latest_stage_dir(run_dir, stages) -> Optional[pathlib.Path]:
   """`<run_dir>/checkpoints/stage<s>` of the last of `stages` (in recipe order) saved there."""
   for stage in reversed(steps.STAGES):
@@ -368,7 +380,7 @@ def _initial_weights_dir(config, workdir, stages) -> Optional[pathlib.Path]:
       return source
     found = _latest_stage_dir(source, steps.STAGES)
     if found is None:
-      raise FileNotFoundError(
+      raise config_lib.ConfigError(
           f"config.init_from={config.init_from}: no checkpoint there and no "
           f"checkpoints/stage*/ under it (expected a workdir or a stage checkpoint dir)")
     return found

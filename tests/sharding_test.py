@@ -15,7 +15,7 @@ def test_make_mesh_fills_and_uses_auto_axes():
 def test_make_mesh_rejects_bad_shapes():
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh([("data", 4), ("fsdp", 2), ("tensor", 2)])
-  with pytest.raises(ValueError, match="mesh axes must be"):
+  with pytest.raises(ValueError, match="mesh axes .config key mesh. must be"):
     sharding.make_mesh([("batch", -1), ("fsdp", 1), ("tensor", 1)])
 
 

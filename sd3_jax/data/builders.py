@@ -31,7 +31,9 @@ raw graph JSON is kept too (gold graphs for evaluation).
 The data stage `prepare_spatial_scenes(data_dir, cfg)`: generate (if needed) -> graph
 vocabulary from the training graphs -> tokenizer on the training captions -> array_record.
 """
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -41,11 +43,25 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sd3_jax import metrics as metrics_lib
 from sd3_jax.data import graphs
 from sd3_jax.data import scenes
 from sd3_jax.data import tokenizer as tokenizer_lib
 from sd3_jax.data import vsd
 from sd3_jax.data.schema import DataError
+
+# The data are generated or read locally: TFDS's download progress bars, its "downloaded and
+# prepared" banner and its per-builder config warning say nothing to the user.
+tfds.disable_progress_bar()
+metrics_lib.drop_library_messages("Using custom data configuration")
+
+
+def _download_and_prepare(builder, manual_dir) -> None:
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+
 
 PathLike = Union[str, os.PathLike]
 
@@ -341,9 +357,7 @@ def prepare_spatial_scenes(data_dir: PathLike, cfg: Any) -> dict:
   tok = _ensure_tokenizer(raw_dir / TOKENIZER_DIR, captions,
                           int(_get(cfg, "text_vocab_size")), int(_get(cfg, "max_text_len")))
   builder = spatial_scenes_builder(data_dir, cfg)
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=str(raw_dir)))
+  _download_and_prepare(builder, raw_dir)
   info = builder.info
   splits = {}
   for split in SPLITS:
@@ -492,9 +506,7 @@ def prepare_vsd(data_dir: PathLike, vsd_root: PathLike, version: str, cfg: Any) 
   tokenizer: `data.tokenizer` (a local directory, e.g. CLIP's) when set, else one trained on
   the training captions with `data.text_vocab_size`."""
   builder = vsd_builder(data_dir, version, cfg)
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=str(vsd_root)))
+  _download_and_prepare(builder, vsd_root)
   info = builder.info
   tok_dir = _get(cfg, "tokenizer")
   if tok_dir:

@@ -37,7 +37,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -387,19 +387,22 @@ def vsg_relation(box_a, box_b) -> str:
 
 def scene_vsg(scene: Scene, rendered: render_lib.Rendered) -> dict:
   """VSG: objects >= 20% visible, their colour, one 2D box relation per pair."""
-  gb = _GraphBuilder()
   frac = rendered.visible_fraction
-  vis = sorted((i for i in range(len(scene.objects)) if frac[i] >= MIN_VISIBLE_VSG),
-               key=lambda i: COLOUR_RANK[scene.objects[i].colour])
-  ids = {}
-  for i in vis:
-    ids[i] = gb.add("object", scene.objects[i].shape)
-  for i in vis:
-    gb.edge(gb.add("attribute", scene.objects[i].colour), ids[i], "attr-of")
-  boxes = {i: rendered.box(i) for i in vis}
-  for a, i in enumerate(vis):
-    for j in vis[a + 1:]:
-      gb.relation(ids[i], vsg_relation(boxes[i], boxes[j]), ids[j])
+  return vsg_from_boxes([(o.colour, o.shape, rendered.box(i))
+                         for i, o in enumerate(scene.objects) if frac[i] >= MIN_VISIBLE_VSG])
+
+
+def vsg_from_boxes(objects: Sequence[tuple[str, str, Sequence[int]]]) -> dict:
+  """VSG of visible objects given as (colour, shape, box [y0, y1, x0, x1]): objects in
+  palette order, each with its colour, then one `vsg_relation` per pair."""
+  objects = sorted(objects, key=lambda o: COLOUR_RANK[o[0]])
+  gb = _GraphBuilder()
+  ids = [gb.add("object", shape) for _, shape, _ in objects]
+  for (colour, _, _), i in zip(objects, ids):
+    gb.edge(gb.add("attribute", colour), i, "attr-of")
+  for a in range(len(objects)):
+    for b in range(a + 1, len(objects)):
+      gb.relation(ids[a], vsg_relation(objects[a][2], objects[b][2]), ids[b])
   return gb.graph()
 
 

@@ -110,7 +110,7 @@ def _count_truncated(config, info) -> dict:
   out = {}
   for field in ("captions", "captions_v2"):
     captions = [c for r in records for c in (getattr(r, field) or ())]
-    lengths = [len(ids) for ids in tok(captions)["input_ids"]] if captions else []
+    lengths = [len(ids) for ids in tok(captions, verbose=False)["input_ids"]] if captions else []
     cut = sum(n > config.data.max_text_len for n in lengths)
     out[field] = {"truncated": cut, "total": len(lengths)}
     if cut:

@@ -117,7 +117,7 @@ def encode_batch(tok: transformers.PreTrainedTokenizerBase, texts: Sequence[str]
   mask = np.zeros((len(texts), max_len), bool)
   if not texts:
     return ids, mask
-  encoded = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+  encoded = tok(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
   eos = tok.eos_token_id
   for i, seq in enumerate(encoded):
     if len(seq) > max_len:

@@ -265,3 +265,64 @@ def per_predicate_accuracy(hits: Sequence[Sequence[bool]],
     for h, (_, p, _) in zip(hs, ts):
       acc.setdefault(p, []).append(h)
   return {p: (float(np.mean(v)), len(v)) for p, v in sorted(acc.items())}
+
+
+# ----------------------------------------------------------------------------- VSG from pixels
+
+MIN_OBJECT_PIXELS = 4  # a colour with fewer visible pixels is a speck, not an object
+
+
+def _mask_feature(image: np.ndarray, mask: np.ndarray, side: int = 8) -> np.ndarray:
+  """An object's look: over its box, cut into side x side cells, the visible fraction and the
+  shading (brightness relative to the object's brightest pixel) per cell, and the box's
+  aspect ratio (shape classes differ in outline and shading, not in size or colour)."""
+  y0, y1, x0, x1 = _box(mask)
+  crop = mask[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
+  value = image[y0:y1 + 1, x0:x1 + 1].astype(np.float32).max(-1) * crop
+  value = value / max(float(value.max()), 1.0)
+  rows = np.linspace(0, crop.shape[0], side + 1).astype(int)
+  cols = np.linspace(0, crop.shape[1], side + 1).astype(int)
+  cells = lambda a: np.array([[a[rows[i]:max(rows[i + 1], rows[i] + 1),  # noqa: E731
+                                 cols[j]:max(cols[j + 1], cols[j] + 1)].mean()
+                               for j in range(side)] for i in range(side)]).ravel()
+  aspect = np.log((y1 - y0 + 1) / (x1 - x0 + 1))
+  return np.concatenate([cells(crop), cells(value), [aspect]])
+
+
+class ShapeReader:
+  """Shape of a segmented object by its k nearest silhouettes among labelled renders.
+
+  Colour and layout are read by rule (`segment`); a shape is not, so this learns it from
+  images whose 3DSG names each colour's shape (a dataset's training split).
+  """
+
+  def __init__(self, features: np.ndarray, shapes: Sequence[str], k: int = 5):
+    if not len(shapes):
+      raise schema.DataError("no labelled objects to learn shapes from", field="shapes")
+    self.features, self.shapes, self._k = np.asarray(features), list(shapes), k
+
+  @classmethod
+  def fit(cls, images: np.ndarray, graphs: Sequence[dict], k: int = 5) -> "ShapeReader":
+    """`images` uint8 [B, H, W, 3] with their 3DSG dicts (the schema's graph format)."""
+    features, shapes = [], []
+    for image, graph in zip(images, graphs):
+      _, objects = gold_from_graph(graph)
+      for colour, mask in segment(image).items():
+        if colour in objects and objects[colour].shape and mask.sum() >= MIN_OBJECT_PIXELS:
+          features.append(_mask_feature(image, mask))
+          shapes.append(objects[colour].shape)
+    return cls(np.array(features), shapes, k)
+
+  def read(self, image: np.ndarray, mask: np.ndarray) -> str:
+    dist = np.sum((self.features - _mask_feature(image, mask)) ** 2, -1)
+    nearest = np.argsort(dist)[:self._k]
+    return collections.Counter(self.shapes[i] for i in nearest).most_common(1)[0][0]
+
+
+def image_vsg(image: np.ndarray, shapes: Optional[ShapeReader] = None) -> dict:
+  """The VSG of an image read from its pixels: one object per palette colour present, its
+  colour, one 2D box relation per pair (as `scenes.scene_vsg` builds it from a render);
+  shapes from `shapes`, else the tag 'object'."""
+  objects = [(colour, shapes.read(image, mask) if shapes else "object", _box(mask))
+             for colour, mask in segment(image).items() if mask.sum() >= MIN_OBJECT_PIXELS]
+  return scenes.vsg_from_boxes(objects)
