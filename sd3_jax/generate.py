@@ -172,6 +172,40 @@ def graph_logits(model: sd3_lib.SD3, params, code_ids) -> dict:
 # ----------------------------------------------------------------------------- from a workdir
 
 
+def run_files(workdir) -> tuple[ml_collections.ConfigDict, dict]:
+  """A trained workdir's config and data report, with the files they name checked."""
+  workdir = pathlib.Path(workdir)
+  for name in ("config.json", "data_report.json"):
+    if not (workdir / name).is_file():
+      raise schema.DataError(f"not a trained workdir: no {name} (train one with "
+                             "`python -m sd3_jax.main --config=... --workdir=DIR`)",
+                             file=str(workdir))
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  info = json.loads((workdir / "data_report.json").read_text())
+  for key in ("tokenizer", "graph_vocab"):
+    if key not in info or not pathlib.Path(info[key]).exists():
+      raise schema.DataError(f"the run's {key} is missing (was the workdir moved?)",
+                             file=str(info.get(key, workdir / "data_report.json")))
+  return config, info
+
+
+def check_prompt(tokenizer, text: str, where: str = "text") -> None:
+  """A prompt's words must be in the run's vocabulary and state at least one relation."""
+  unk = tokenizer.unk_token_id
+  backend = tokenizer.backend_tokenizer
+  words = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+  unknown = [w for w, _ in words if tokenizer.convert_tokens_to_ids(w) == unk]
+  if unknown:
+    raise schema.DataError(
+        f"{', '.join(map(repr, unknown))} not in the run's vocabulary (colours: "
+        f"{', '.join(scene_captions.COLOURS)}; shapes: {', '.join(scene_captions.SHAPES)})",
+        field=where)
+  if not scene_captions.parse_caption(text):
+    raise schema.DataError(
+        f"{text!r} states no relation the benchmark knows, e.g. 'a red cube is to the "
+        "left of a blue sphere.'", field=where)
+
+
 class Generator:
   """A trained workdir, ready to generate from the user's own inputs.
 
@@ -198,13 +232,11 @@ class Generator:
     from sd3_jax import train
 
     workdir = pathlib.Path(workdir)
-    for name in ("config.json", "data_report.json"):
-      if not (workdir / name).is_file():
-        raise schema.DataError(f"not a trained workdir: no {name} (train one with "
-                               "`python -m sd3_jax.main --config=... --workdir=DIR`)",
-                               file=str(workdir))
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    info = json.loads((workdir / "data_report.json").read_text())
+    config, info = run_files(workdir)
+    if config.data.name != "spatial_scenes":
+      raise schema.DataError(f"typed inputs need a spatial_scenes run, not {config.data.name} "
+                             "(its caption -> TSG parser is the benchmark's grammar)",
+                             field="data.name")
     for key, value in (("sampling_steps", steps_), ("guidance_scale", guidance),
                        ("truncation_r", truncation), ("image_sampler", image_sampler),
                        ("text_sampler", text_sampler)):
@@ -216,10 +248,6 @@ class Generator:
     if checkpointing.latest_step(ckpt) is None:
       raise schema.DataError("no stage-4 checkpoint: the run has not finished training",
                              file=str(ckpt))
-    for key in ("tokenizer", "graph_vocab"):
-      if key not in info or not pathlib.Path(info[key]).exists():
-        raise schema.DataError(f"the run's {key} is missing (was the workdir moved?)",
-                               file=str(info.get(key, workdir / "data_report.json")))
     tokenizer = tokenizer_lib.load_tokenizer(info["tokenizer"])
     vocab = graphs_lib.GraphVocab.load(info["graph_vocab"])
     model = sd3_lib.SD3(config, text_vocab_size=info["text"]["vocab_size"],
@@ -275,23 +303,6 @@ class Generator:
 
     return {k: np.repeat(v, num, axis=0) for k, v in batch.items()}
 
-  def check_text(self, text: str, where: str = "text") -> None:
-    """A prompt's words must be in the run's vocabulary and state at least one relation."""
-
-    unk = self.tokenizer.unk_token_id
-    words = self.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(
-        self.tokenizer.backend_tokenizer.normalizer.normalize_str(text))
-    unknown = [w for w, _ in words if self.tokenizer.convert_tokens_to_ids(w) == unk]
-    if unknown:
-      raise schema.DataError(
-          f"{', '.join(map(repr, unknown))} not in the run's vocabulary (colours: "
-          f"{', '.join(scene_captions.COLOURS)}; shapes: {', '.join(scene_captions.SHAPES)})",
-          field=where)
-    if not scene_captions.parse_caption(text):
-      raise schema.DataError(
-          f"{text!r} states no relation the benchmark knows, e.g. 'a red cube is to the "
-          "left of a blue sphere.'", field=where)
-
   def from_text(self, prompts, *, num: int = 4, seed: int = 0) -> list[dict]:
     """ST2I per prompt: `num` images [num, H, W, 3] uint8, the TSG parsed from the prompt,
     the generated 3DSGs (variants with the 3DSG) and the verifier's hits per image."""
@@ -299,7 +310,7 @@ class Generator:
 
     out = []
     for i, prompt in enumerate(prompts):
-      self.check_text(prompt, where=f"prompt {i + 1}")
+      check_prompt(self.tokenizer, prompt, where=f"prompt {i + 1}")
       tsg = graphs_lib.SceneGraph.from_json(scenes.caption_tsg(prompt))
       batch = self._repeat(self._batch(texts=[prompt], images=None, graphs_2d=[tsg]), num)
       gen = jax.device_get(self._samplers()[0](self.params, self.model_state, batch,
@@ -404,11 +415,14 @@ def _read_graph(path: str) -> graphs_lib.SceneGraph:
 
 
 def _graph_json(graph: graphs_lib.SceneGraph) -> dict:
-  from sd3_jax import evaluate
-
+  """A graph as JSON, with its relations spelled out ("red cube to the left of blue sphere")."""
+  shape_of = {graph.nodes[src][1]: graph.nodes[dst][1] for src, dst, etype in graph.edges
+              if etype == "attr-of" and graph.nodes[src][1] in scenes.COLOUR_RANK}
+  said = lambda name: f"{name} {shape_of[name]}" if name in shape_of else name  # noqa: E731
   return {"nodes": [{"type": t, "tag": g} for t, g in graph.nodes],
           "edges": [list(e) for e in graph.edges],
-          "triples": sorted(" ".join(t) for t in evaluate.graph_triples(graph))}
+          "relations": [f"{said(a)} {p} {said(b)}"
+                        for a, p, b in graph.triples(identify_by=scenes.COLOUR_RANK)]}
 
 
 def write_outputs(results: list[dict], kind: str, out) -> dict:
@@ -485,12 +499,13 @@ def cli(argv=None) -> int:
                                file=args.prompts)
     else:
       kind = "image" if args.image else "graph"
+    if kind == "text":  # every prompt checked before the model loads
+      tokenizer = tokenizer_lib.load_tokenizer(run_files(args.workdir)[1]["tokenizer"])
+      for i, p in enumerate(prompts):
+        check_prompt(tokenizer, p, f"{args.prompts} line {i + 1}" if args.prompts else "--text")
     gen = Generator.load(args.workdir, steps_=args.steps, guidance=args.guidance,
                          truncation=args.truncation)
     if kind == "text":
-      for i, p in enumerate(prompts):  # every prompt checked before any sampling
-        gen.check_text(p, where=f"{args.prompts or '--text'} line {i + 1}"
-                       if args.prompts else "--text")
       results = gen.from_text(prompts, num=args.num, seed=args.seed)
     elif kind == "image":
       image = _read_image(args.image, gen.config.data.image_size)

@@ -63,11 +63,12 @@ def initialize_distributed(environ: Optional[Mapping[str, str]] = None) -> bool:
 
 
 def user_error_types() -> tuple[type, ...]:
-  """Errors that are the user's to fix (a config value, an input file): one line, exit 2."""
+  """Errors that are the user's to fix (a config value, a missing or bad input file): the
+  message alone, exit 2."""
   from sd3_jax import config_lib
   from sd3_jax.data import schema
 
-  return (config_lib.ConfigError, schema.DataError)
+  return (config_lib.ConfigError, schema.DataError, FileNotFoundError)
 
 
 def main(argv):

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sd3_jax.data import graphs as graphs_lib
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] floats (or uint8 already) -> uint8."""
@@ -54,7 +56,11 @@ _RELATION_COLOUR = (200, 70, 30)
 def draw_scene_graph(graph, *, size: int = 320, title: Optional[str] = None) -> Image.Image:
   """A `graphs.SceneGraph` as a picture: objects on a circle with their attributes under
   them, concepts in the corner, one line per related pair with the relations labelled
-  near their subject's end (so "left of" by A reads "A left of B")."""
+  near their subject's end (so "left of" by A reads "A left of B").
+
+  Any graph a sampler emits draws: edges whose ends are not of the schema's types (an
+  attribute of a relation, a relation ending on an attribute, self-loops) are left out.
+  """
   font = ImageFont.load_default()
   top = 14 if title else 0
   img = Image.new("RGB", (size, size + top), (255, 255, 255))
@@ -69,6 +75,9 @@ def draw_scene_graph(graph, *, size: int = 320, title: Optional[str] = None) -> 
     pos[i] = (centre + radius * np.cos(angle), top + centre + radius * np.sin(angle))
   attributes, concepts, subj, obj = {}, [], {}, {}
   for src, dst, etype in graph.edges:
+    ends = (graph.nodes[src][0], graph.nodes[dst][0])
+    if src == dst or graphs_lib.EDGE_ENDPOINTS.get(etype) != ends:
+      continue
     if etype == "attr-of":
       attributes.setdefault(dst, []).append(graph.nodes[src][1])
     elif etype == "part-of":
@@ -82,7 +91,8 @@ def draw_scene_graph(graph, *, size: int = 320, title: Optional[str] = None) -> 
     if ntype == "relation":
       for s_ in subj.get(r, []):
         for o in obj.get(r, []):
-          labels.setdefault((s_, o), []).append(tag)
+          if s_ != o:
+            labels.setdefault((s_, o), []).append(tag)
   for (s_, o), tags in labels.items():
     (x0, y0), (x1, y1) = pos[s_], pos[o]
     draw.line([(x0, y0), (x1, y1)], fill=(190, 190, 190), width=1)
