@@ -21,7 +21,8 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest==9.0.3", "pycocoevalcap==1.2"],
+        "test": ["pytest==9.0.3", "pycocoevalcap==1.2", "nbclient==0.11.0", "nbformat==5.11.1",
+                 "ipykernel==7.4.0"],
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda12": ["jax[cuda12]==0.10.2"],
     },

@@ -499,20 +499,25 @@ def cli(argv=None) -> int:
                                file=args.prompts)
     else:
       kind = "image" if args.image else "graph"
-    if kind == "text":  # every prompt checked before the model loads
-      tokenizer = tokenizer_lib.load_tokenizer(run_files(args.workdir)[1]["tokenizer"])
+    # Every input is read and checked before the model loads.
+    config, info = run_files(args.workdir)
+    if kind == "text":
+      tokenizer = tokenizer_lib.load_tokenizer(info["tokenizer"])
       for i, p in enumerate(prompts):
         check_prompt(tokenizer, p, f"{args.prompts} line {i + 1}" if args.prompts else "--text")
+    elif kind == "image":
+      image = _read_image(args.image, config.data.image_size)
+      vsgs = [_read_graph(args.vsg)] if args.vsg else None
+    else:
+      graph = _read_graph(args.graph)
     gen = Generator.load(args.workdir, steps_=args.steps, guidance=args.guidance,
                          truncation=args.truncation)
     if kind == "text":
       results = gen.from_text(prompts, num=args.num, seed=args.seed)
     elif kind == "image":
-      image = _read_image(args.image, gen.config.data.image_size)
-      vsgs = [_read_graph(args.vsg)] if args.vsg else None
       results = gen.from_image([image], num=args.num, seed=args.seed, vsgs=vsgs)
     else:
-      results = gen.from_graph([_read_graph(args.graph)], num=args.num, seed=args.seed)
+      results = gen.from_graph([graph], num=args.num, seed=args.seed)
     written = write_outputs(results, kind, args.out)
   except (schema.DataError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)

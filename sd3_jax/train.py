@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 import flax.linen as nn
 import ml_collections
 
@@ -140,6 +142,7 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
   progress = metrics_lib.Progress(stage, num_steps, batch_size, start_step=start)
   last_logged = start
   step = start
+  interval = None
   hooks = [(periodic_every, periodic)] if callable(periodic) else list(periodic or [])
   intervals = (log_every, checkpoint_every) + tuple(every for every, _ in hooks)
   with _Preemption() as preemption:
@@ -148,13 +151,17 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
       batch = sharding_lib.to_global_steps([next(batches) for _ in range(n)], mesh)
       state, call_metrics = jitted(state, batch, rng)
       step += n
+      # Logged values are means over the steps since the last line, accumulated on device.
+      means = {k: clu_metrics.Average.from_model_output(v) for k, v in call_metrics.items()}
+      interval = means if interval is None else {k: interval[k].merge(m)
+                                                 for k, m in means.items()}
       if step % log_every == 0 or step == num_steps:
-        host = jax.device_get(call_metrics)
-        bad = [k for k, v in host.items() if not np.all(np.isfinite(v))]
+        host = {k: float(jax.device_get(a.compute())) for k, a in interval.items()}
+        interval = None
+        bad = [k for k, v in host.items() if not np.isfinite(v)]
         if bad:
           raise FloatingPointError(
               f"[{stage}] non-finite {', '.join(bad)} between steps {last_logged + 1} and {step}")
-        host = {k: v[-1] for k, v in host.items()}
         perf = progress.log(step, host)
         if writer is not None:
           writer.write(step, {**{f"train/{stage}/{k}": v for k, v in host.items()}, **perf},
@@ -264,6 +271,8 @@ def run(config, workdir) -> dict:
     fresh = restored["fresh"]
     metrics_lib.say(f"[train] weights from {weights_dir}" + (
         f" (shapes changed, fresh: {', '.join(fresh)})" if fresh else ""))
+  if lead:
+    _write_parameter_overview(params, workdir / "parameters.txt")
   metrics_lib.say(f"[train] variant {config.variant}: stages {', '.join(stages)}")
   stage_seconds = {}
   for stage in stages:
@@ -328,6 +337,17 @@ def run(config, workdir) -> dict:
     report.write_report([workdir, *others], workdir)
     metrics_lib.say(f"[eval] table: {workdir / 'table.md'}")
   return summary
+
+
+def _write_parameter_overview(params, path) -> None:
+  """One line of parameter counts per network at start; the full table to `path`."""
+  counts = {name: parameter_overview.count_parameters(p) for name, p in params.items()}
+  metrics_lib.say("[train] parameters: " + ", ".join(
+      f"{name} {n / 1e6:.2f}M" for name, n in counts.items()) +
+      f" (total {sum(counts.values()) / 1e6:.2f}M; per tensor: {path})")
+  pathlib.Path(path).write_text("\n\n".join(
+      f"{name}\n{parameter_overview.get_parameter_overview(p, include_stats=False)}"
+      for name, p in params.items()) + "\n")
 
 
 def _check_batch_split(config, mesh) -> None:

@@ -45,3 +45,4 @@ def tiny_config(tmp_path_factory):
   info = builders.prepare_spatial_scenes(config.data.dir, config.data)
   config.lock()
   return config, info
+

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -24,9 +26,17 @@ def _generate(workdir, *args):
   return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
-def test_train_then_eval_then_generate(tmp_path):
-  run = _main(tmp_path)
+@pytest.fixture(scope="module")
+def sd3_workdir(tmp_path_factory):
+  """One tiny SD³ run of the README's command, shared by the tests that use a trained run."""
+  workdir = tmp_path_factory.mktemp("sd3_tiny")
+  run = _main(workdir)
   assert run.returncode == 0, run.stderr[-3000:]
+  return workdir, run
+
+
+def test_train_then_eval_then_generate(sd3_workdir):
+  tmp_path, run = sd3_workdir
   assert "[stage4] step 3/3" in run.stdout and "steps/s" in run.stdout and "ETA" in run.stdout
   # Libraries' chatter stays out of the log a user reads.
   for noise in ("Using custom data configuration", "downloaded and prepared",
@@ -160,3 +170,21 @@ def test_vsd_trains_the_graph_autoencoder_on_the_annotated_3dsg(tmp_path):
   assert "[stage1] step 3/3" in run.stdout and "g3d_loss" in run.stdout
   report = json.loads((tmp_path / "data_report.json").read_text())
   assert report["dataset"] == "vsd_v1" and report["text"]["vocab_size"] > 0
+
+
+def test_demo_notebook_runs_top_to_bottom(sd3_workdir, monkeypatch):
+  """The Colab notebook, executed cell by cell on CPU against the trained tiny run."""
+  nbclient = pytest.importorskip("nbclient")
+  nbformat = pytest.importorskip("nbformat")
+  workdir, _ = sd3_workdir
+  monkeypatch.setenv("SD3_NOTEBOOK_WORKDIR", str(workdir))
+  monkeypatch.setenv("PYTHONPATH", str(REPO))
+  nb = nbformat.read(REPO / "notebooks" / "sd3_jax_demo.ipynb", as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(REPO)}}).execute()
+  shown = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+           if "image/png" in o.get("data", {})]
+  # Dataset sheet + gold 3DSG, curves, per prompt images + 3DSG (2 prompts), SI2T + 3DSG.
+  assert len(shown) >= 2 + 1 + 4 + 2
+  assert any("loading the trained run" in o.get("text", "") for cell in nb.cells
+             if cell.cell_type == "code" for o in cell.outputs)

@@ -16,6 +16,7 @@ masks can train the adapter alone or both). The text decoder G_T is `lm.CausalLM
 """
 from typing import Any, Tuple
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,14 +52,15 @@ class GraphFusionAdapter(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     g = nn.Dense(d, **kw, kernel_init=dense_init(("cond_embed", "conv_out")),
                  bias_init=zeros_init(("conv_out",)), name="graph_proj")(graph_latents)
-    z = codes.reshape(b, h * w, d).astype(self.dtype)
+    z = einops.rearrange(codes, "b h w d -> b (h w) d").astype(self.dtype)
     logits = jnp.einsum("bid,bmd->bim", z, g).astype(jnp.float32)
     mask = graph_mask.astype(bool)[:, None, :]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     # An image without real nodes gets a zero graph half instead of a mean over padding.
     attn = jax.nn.softmax(logits, axis=-1) * mask
     attended = jnp.einsum("bim,bmd->bid", attn.astype(self.dtype), g)
-    fused = jnp.concatenate([z, attended], axis=-1).reshape(b, h, w, 2 * d)
+    fused = einops.rearrange(jnp.concatenate([z, attended], axis=-1), "b (h w) d -> b h w d",
+                             h=h, w=w)
     # Identity on ẑ^I and zero on the graph half at init: the adapted input is exactly the
     # VQ codes, so the pretrained VQ decoder is exact at step 0 and training starts from
     # its reconstructions rather than from a randomly perturbed input.

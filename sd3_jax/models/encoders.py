@@ -7,6 +7,7 @@ projected outputs the global features.
 """
 from typing import Any, Optional, Tuple
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -99,8 +100,8 @@ class ImageEncoder(nn.Module):
                 kernel_init=conv_kernel_init(("conv_h", "conv_w", "conv_in", "conv_out"),
                                              nn.initializers.lecun_normal()),
                 bias_init=zeros_init(("conv_out",)), name="patchify")(images.astype(self.dtype))
-    b, gh, gw, d = x.shape
-    x = x.reshape(b, gh * gw, d)
+    _, gh, gw, d = x.shape
+    x = einops.rearrange(x, "b gh gw d -> b (gh gw) d")
     max_patches = (self.image_size[0] // p) * (self.image_size[1] // p)
     if gh * gw > max_patches:
       raise ValueError(f"{gh * gw} patches exceed the position table ({max_patches}); "

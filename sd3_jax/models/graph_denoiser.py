@@ -51,6 +51,7 @@ may add the aligned adjacency as the edge bias. The transition math is in
 """
 from typing import Any, Optional, Sequence, Tuple
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -154,7 +155,7 @@ class GraphSelfAttention(nn.Module):
     else:
       # [B, H, query, key] -> receiver-major edges [B, N·N, H].
       bias = jnp.broadcast_to(bias, (b, h, n, n))
-      edge_bias = jnp.transpose(bias, (0, 2, 3, 1)).reshape(b, n * n, h)
+      edge_bias = einops.rearrange(bias, "b h q k -> b (q k) h")
     edge_bias = constrain(edge_bias, _EDGE_AXES)
     # The graph is rebuilt inside each vmapped function so its (constant) edge indices stay
     # unbatched; only the node and edge features carry the batch axis.

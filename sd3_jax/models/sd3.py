@@ -8,7 +8,7 @@ call, so each feature is computed one way everywhere.
 import dataclasses
 from typing import Any, Mapping
 
-import flax.linen as nn
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -166,16 +166,16 @@ class SD3:
     """z^I_0: VQ token ids [B, h·w] of images in [-1, 1]."""
     ids = self.vqvae.apply({"params": params["vqvae"], **model_state}, image,
                            method=vqvae_lib.VQVAE.encode)
-    return ids.reshape(ids.shape[0], -1)
+    return einops.rearrange(ids, "b h w -> b (h w)")
 
   def decode_image_tokens(self, params, model_state, tokens) -> jax.Array:
-    ids = tokens.reshape(tokens.shape[0], self.grid, self.grid)
+    ids = einops.rearrange(tokens, "b (h w) -> b h w", h=self.grid)
     return self.vqvae.apply({"params": params["vqvae"], **model_state}, ids,
                             method=vqvae_lib.VQVAE.decode_indices)
 
   def image_latents(self, params, model_state, tokens) -> jax.Array:
     """ẑ^I: the VQ code vectors of token ids [B, h·w] -> [B, h, w, d]."""
-    ids = tokens.reshape(tokens.shape[0], self.grid, self.grid)
+    ids = einops.rearrange(tokens, "b (h w) -> b h w", h=self.grid)
     return self.vqvae.apply({"params": params["vqvae"], **model_state}, ids,
                             method=vqvae_lib.VQVAE.indices_to_latents)
 
@@ -209,10 +209,8 @@ class SD3:
 
   def teacher_from_image(self, hidden) -> tuple[jax.Array, jax.Array]:
     """The image chain's hidden grid [B, h·w, D] average-pooled to `model.teacher_tokens`."""
-    b, _, d = hidden.shape
     side = int(round(self.config.model.teacher_tokens ** 0.5))
-    x = hidden.reshape(b, self.grid, self.grid, d)
-    x = nn.avg_pool(x, (self.grid // side, self.grid // side),
-                    strides=(self.grid // side, self.grid // side))
-    x = x.reshape(b, -1, d)
+    cell = self.grid // side
+    x = einops.reduce(hidden, "b (gh ph gw pw) d -> b (gh gw) d", "mean", ph=cell, pw=cell,
+                      gw=side)
     return x, jnp.ones(x.shape[:2], bool)
