@@ -23,6 +23,9 @@ setuptools.setup(
     extras_require={
         "test": ["pytest==9.0.3", "pycocoevalcap==1.2", "nbclient==0.11.0", "nbformat==5.11.1",
                  "ipykernel==7.4.0"],
+        # METEOR / SPICE: pycocoevalcap's jars (Java 8+ on PATH; SPICE also needs its
+        # Stanford CoreNLP models in eval.spice_dir, nothing is downloaded).
+        "eval": ["pycocoevalcap==1.2"],
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda12": ["jax[cuda12]==0.10.2"],
     },

@@ -88,6 +88,8 @@ def get_config(arg=None):
   # c^G as the consumers see it: 'embed' (FSQ vector + one-hot code id, i.e. a learned code
   # embedding) or 'fsq' (the 4-number FSQ vector alone).
   model.graph_interface = "embed"
+  # The chains' compute dtype: float32 | bfloat16 (parameters and optimizer stay float32).
+  model.compute_dtype = "float32"
   model.image_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4))
   model.text_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4))
   # attention_impl: 'segment' (jraph segment_softmax over the slot graph) or 'dense' (same
@@ -102,8 +104,10 @@ def get_config(arg=None):
   model.teacher_tokens = 16  # the image chain's hidden grid is pooled to this many tokens
 
   # Shared optimizer settings; per-stage step counts and learning rates below.
+  # grad_accum_steps: each batch as k micro-batches, one update (steps.accumulated_grads).
   config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, grad_clip=1.0,
-                                                end_lr_factor=0.1, ema_decay=0.99))
+                                                end_lr_factor=0.1, ema_decay=0.99,
+                                                grad_accum_steps=1))
   # Sized for ~35 minutes of the whole default job on 2 CPU cores (README: what each stage
   # costs and reaches); scale up on accelerators.
   # Each stage also pays ~30-40 s of compilation and held-out evaluation on 2 CPU cores.

@@ -50,11 +50,13 @@ def get_config(arg=None):
   model.dgae.update(width=256, encoder_layers=8, decoder_layers=4, num_heads=8,
                     pair_width=128, levels=(8, 8, 8, 5, 5, 5))
   model.image_denoiser.update(width=1024, num_layers=19, num_heads=16)
-  model.text_denoiser.update(width=768, num_layers=12, num_heads=12)
+  # Same width as the image chain: both feed the graph denoiser's teacher slot.
+  model.text_denoiser.update(width=1024, num_layers=12, num_heads=16)
   model.graph_denoiser.update(width=256, num_layers=8, num_heads=8, attention_impl="segment")
   model.text_decoder.update(width=768, num_layers=12, num_heads=12)
   model.prior.update(width=512, num_layers=6, num_heads=8)
   model.teacher_tokens = 64
+  model.compute_dtype = "bfloat16"  # accelerators' matrix units; params/optimizer float32
   # paper.md §4: AdamW b2 0.98; steps 2-3 lr 1e-4; the dual step 5e-5 after 10k warmup.
   config.stage0a.update(num_steps=200_000, lr=2e-4, warmup_steps=5_000)
   config.stage0b.update(num_steps=100_000, lr=3e-4, warmup_steps=5_000)

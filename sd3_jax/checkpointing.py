@@ -5,6 +5,8 @@ run killed in stage k resumes there and later stages start from the finished ear
 Restores go onto whatever mesh the abstract target carries (shardings in the
 `jax.ShapeDtypeStruct`s), so a checkpoint written on one mesh restores onto another.
 """
+import dataclasses
+import json
 import pathlib
 from typing import Any, Optional
 
@@ -16,6 +18,50 @@ from sd3_jax import metrics as metrics_lib
 # Async saves overlap training; orbax's note that a save waited for the previous one is noise.
 metrics_lib.drop_library_messages("Waiting for previous save to complete",
                                    "Metadata file does not exist")
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """Each process's data-iterator state in its own file, `process_<i>-of-<n>.json`: the
+  processes read different shards, so one state restored everywhere would replay process
+  0's batches on every host."""
+
+  def save(self, directory, args: "DataStateSave"):
+    index, count = jax.process_index(), jax.process_count()
+    (pathlib.Path(directory) / f"process_{index}-of-{count}.json").write_text(
+        json.dumps(args.state))
+
+  def restore(self, directory, args: "DataStateRestore" = None):
+    del args
+    path = (pathlib.Path(directory)
+            / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if not path.is_file():
+      raise FileNotFoundError(f"no data-iterator state for this process: {path} (was the "
+                              "checkpoint written by another number of processes?)")
+    return json.loads(path.read_text())
+
+  def metadata(self, directory):
+    return None
+
+  def structure(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  state: dict
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 def make_manager(directory, *, max_to_keep: int = 2, save_interval_steps: int = 1,
@@ -31,7 +77,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
          force: bool = False) -> bool:
   items = {"state": ocp.args.StandardSave(state)}
   if data_state is not None:
-    items["data"] = ocp.args.JsonSave(data_state)
+    items["data"] = DataStateSave(data_state)
   if config is not None:
     items["config"] = ocp.args.JsonSave(config)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -51,7 +97,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if with_data and (pathlib.Path(manager.directory) / str(step) / "data").exists():
-    items["data"] = ocp.args.JsonRestore()
+    items["data"] = DataStateRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return step, restored["state"], restored.get("data") if "data" in items else None
 

@@ -127,6 +127,7 @@ def validate(config) -> None:
               "loss.predicted_graph_rate"):
     num(key, low=0, high=1)
   pick("model.graph_interface", ("embed", "fsq"))
+  pick("model.compute_dtype", ("float32", "bfloat16"))
   pick("model.graph_denoiser.attention_impl", ("segment", "dense"))
   for net in ("image_denoiser", "text_denoiser", "graph_denoiser", "text_decoder", "prior",
               "clip", "dgae"):
@@ -137,6 +138,11 @@ def validate(config) -> None:
     if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
       errors.append(f"model.{net}.width={width} must be divisible by "
                     f"model.{net}.num_heads={heads}")
+  widths = (_at(config, "model.image_denoiser.width"), _at(config, "model.text_denoiser.width"))
+  if _MISSING not in widths and widths[0] != widths[1]:
+    errors.append(f"model.image_denoiser.width={widths[0]} must equal "
+                  f"model.text_denoiser.width={widths[1]} (both chains' hidden states feed the "
+                  "graph denoiser's teacher slot)")
   num("model.vqvae.codebook_size", low=2, integer=True)
   num("model.teacher_tokens", low=1, integer=True)
   num("optim.b1", low=0, high=1, high_open=True)
@@ -144,6 +150,11 @@ def validate(config) -> None:
   num("optim.ema_decay", low=0, high=1, high_open=True)
   num("optim.grad_clip", low=0)
   num("optim.end_lr_factor", low=0, high=1)
+  num("optim.grad_accum_steps", low=1, integer=True)
+  accum, batch = _at(config, "optim.grad_accum_steps"), _at(config, "data.batch_size")
+  if isinstance(accum, int) and isinstance(batch, int) and accum > 0 and batch % accum:
+    errors.append(f"data.batch_size={batch} must be divisible by "
+                  f"optim.grad_accum_steps={accum}")
   for stage in steps.STAGES:
     num(f"stage{stage}.num_steps", low=0, integer=True)
     num(f"stage{stage}.lr", low=0, low_open=True)

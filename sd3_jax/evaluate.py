@@ -46,21 +46,19 @@ def raw_dir(config) -> pathlib.Path:
 
 
 def eval_batches(config, mesh, split: str, num_examples: int):
-  """(host batch, global batch, records of the valid rows) over the first examples."""
+  """(host batch, global batch, records of the valid rows) over the first `num_examples`
+  examples; each process gets its rows of the same global batches (`pipeline`)."""
   records = vsd.load_records(raw_dir(config) / f"{split}.json")
   eval_cfg = config.copy_and_resolve_references()
   with eval_cfg.unlocked():
     eval_cfg.data.batch_size = config.eval.batch_size
-  seen = 0
   for host in pipeline.make_dataset(eval_cfg, split, seed=0, train=False,
                                     process_index=jax.process_index(),
-                                    process_count=jax.process_count()):
-    if seen >= num_examples:
-      return
+                                    process_count=jax.process_count(),
+                                    num_examples=num_examples):
     valid = np.asarray(host["valid"])
     recs = [records[j] for j in np.asarray(host["index"])[valid]]
     yield host, sharding_lib.to_global(host, mesh), recs
-    seen += len(recs)
 
 
 def stage_metrics(stage: str, model, config, params, model_state, mesh) -> dict[str, Any]:
@@ -168,16 +166,17 @@ def _graph_metrics(model, config, params, model_state, mesh):
 
 
 def make_generators(model, config, mesh):
-  """Jitted ST2I and SI2T samplers (compiled once per shape), batch-sharded."""
+  """Jitted ST2I and SI2T samplers (compiled once per shape). Inputs and outputs are
+  batch-sharded: each process reads its own rows with `sharding.host_local`."""
   ev = config.eval
   kw = dict(num_steps=ev.sampling_steps, truncation_r=ev.truncation_r,
             guidance_scale=ev.guidance_scale)
-  replicated = sharding_lib.replicated(mesh)
+  rows = sharding_lib.batch_sharding(mesh)
   st2i = jax.jit(lambda p, ms, b, k: generate.st2i(model, config, p, ms, b, k, **kw),
-                 out_shardings=replicated)
+                 out_shardings=rows)
   si2t = jax.jit(lambda p, ms, b, k: generate.si2t(model, config, p, ms, b, k, **kw),
-                 out_shardings=replicated)
-  graph = jax.jit(lambda p, ids: generate.graph_logits(model, p, ids), out_shardings=replicated)
+                 out_shardings=rows)
+  graph = jax.jit(lambda p, ids: generate.graph_logits(model, p, ids), out_shardings=rows)
   return st2i, si2t, graph
 
 
@@ -308,13 +307,14 @@ def graph_counts(pred_padded: dict, gold_padded: dict,
 
 
 def inception_fn(mesh) -> Callable:
-  """Jitted, batch-sharded (variables, uint8 images [B, H, W, 3]) -> (pool3, logits)."""
+  """Jitted, batch-sharded (variables, global uint8 images [B, H, W, 3]) -> (pool3, logits),
+  batch-sharded."""
   def apply(variables, images):
     return inception.FIDInceptionV3().apply(variables, images.astype(jnp.float32) / 255.0)
 
   return jax.jit(apply, in_shardings=(sharding_lib.replicated(mesh),
                                       sharding_lib.batch_sharding(mesh)),
-                 out_shardings=sharding_lib.replicated(mesh))
+                 out_shardings=sharding_lib.batch_sharding(mesh))
 
 
 def image_metrics(real_features: np.ndarray, gen_features: np.ndarray,
@@ -359,8 +359,6 @@ class _ImageScorers:
     self.project = jax.jit(lambda p, ids, mask, gen, real: (
         model.text_condition(p, ids, mask)[1], model.image_condition(p, gen)[1],
         model.image_condition(p, real)[1]))
-    self.emb = {"text": [], "gen": [], "real": [], "hf_text": [], "hf_gen": []}
-    self.feats = {"real": [], "gen": [], "logits": []}
     self.inception_vars = None
     if ev.inception_weights:
       self.inception_vars = inception.load_fid_weights(ev.inception_weights)
@@ -372,25 +370,27 @@ class _ImageScorers:
     if self.clip is None:
       self.unavailable["st2i/clip_score"] = CLIP_MISSING
 
-  def update(self, params, batch, gen_images, gen_uint8, real_uint8, prompts, rows):
-    """All arguments cover the whole batch (fixed shapes: one compile); `rows` are kept."""
-    t, g, r = self.project(params, batch["text_ids"], batch["text_mask"], gen_images,
-                           batch["image"])
-    for name, x in (("text", t), ("gen", g), ("real", r)):
-      self.emb[name].append(np.asarray(x)[rows])
+  def rows(self, params, mesh, batch, gen_images, gen_uint8, real_uint8, prompts) -> dict:
+    """This process's rows of every feature: CLIP embeddings, Inception features. The
+    images are this process's rows; `batch` and `gen_images` are global."""
+    t, g, r = sharding_lib.host_local(self.project(
+        params, batch["text_ids"], batch["text_mask"], gen_images, batch["image"]), mesh)
+    out = {"text": t, "gen": g, "real": r}
     if self.inception_vars is not None:
       for name, images in (("real", real_uint8), ("gen", gen_uint8)):
-        feats, logits = self.inception(self.inception_vars, images)
-        self.feats[name].append(np.asarray(feats)[rows])
+        feats, logits = sharding_lib.host_local(self.inception(
+            self.inception_vars, sharding_lib.to_global({"x": images}, mesh)["x"]), mesh)
+        out[f"feat_{name}"] = np.asarray(feats)
         if name == "gen":
-          self.feats["logits"].append(np.asarray(logits)[rows])
+          out["logits"] = np.asarray(logits)
     if self.clip is not None:
       image_emb, text_emb = self.clip.embed(prompts, gen_uint8)
-      self.emb["hf_gen"].append(np.asarray(image_emb)[rows])
-      self.emb["hf_text"].append(np.asarray(text_emb)[rows])
+      out["hf_gen"], out["hf_text"] = np.asarray(image_emb), np.asarray(text_emb)
+    return out
 
-  def result(self, is_splits: int) -> dict:
-    cat = {k: np.concatenate(v) for k, v in self.emb.items() if v}
+  def result(self, rows: Sequence[dict], is_splits: int) -> dict:
+    """The image scores of every example's `rows` features."""
+    cat = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     out = {"st2i/clip_score_project": clip_lib.clip_score_metric(
                cat["gen"], cat["text"], project_encoders=True)["clip_score_project_encoders"],
            "st2i/clip_score_project_real": clip_lib.clip_score_metric(
@@ -400,11 +400,10 @@ class _ImageScorers:
       out.update({"st2i/" + k: v for k, v in clip_lib.clip_score_metric(
           cat["hf_gen"], cat["hf_text"]).items()})
     if self.inception_vars is not None:
-      feats = {k: np.concatenate(v) for k, v in self.feats.items()}
       try:
-        out.update(image_metrics(feats["real"], feats["gen"], feats["logits"], is_splits))
+        out.update(image_metrics(cat["feat_real"], cat["feat_gen"], cat["logits"], is_splits))
       except (ValueError, schema.DataError) as e:  # e.g. too few samples for a covariance
-        reason = f"FID/IS failed on {len(feats['gen'])} samples: {e}"
+        reason = f"FID/IS failed on {len(cat['feat_gen'])} samples: {e}"
         for k in ("st2i/fid", "st2i/is", "st2i/is_std"):
           out[k], self.unavailable[k] = None, reason
     return out
@@ -464,89 +463,90 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
   flags = steps.variant_flags(config.variant)
   scorers = _ImageScorers(model, config, mesh)
 
-  image_hits, caption_hits, prompt_triples, caption_triples = [], [], [], []
-  trirec = {"gen": [0, 0], "real": [0, 0]}
-  # Per 2DSG: the generated 3DSG's triple counts and those of the 2DSG itself (the
-  # copy-the-input baseline), each (matched, predicted, gold).
-  graph_totals = {f"{k}_{p}": np.zeros(3, np.int64) for p in ("tsg", "vsg")
-                  for k in ("from", "copy")}
-  prompts, captions, refs_all, golds_all, images_all, real_all = [], [], [], [], [], []
-  gold_graphs_all = []
-  seen = 0
+  # Each process scores its own rows of every global batch into one dict per example;
+  # the examples of all processes are gathered once and ordered by their index.
+  examples = []
   for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, ev.split,
                                                        ev.num_samples)):
-    rows = np.flatnonzero(np.asarray(host["valid"]))[:ev.num_samples - seen]
-    recs = recs[:len(rows)]
+    rows = np.flatnonzero(np.asarray(host["valid"]))
     refs = [list(x) for x in host["references"]]  # all rows: the CLIP batch keeps its shape
     key = jax.random.fold_in(rng, i)
-    gen_i = st2i(params, model_state, batch, key)
-    gen_y = jax.device_get(si2t(params, model_state, batch, jax.random.fold_in(key, 1)))
-    gen_uint8 = visualize.to_uint8(np.asarray(gen_i["images"]))
+    gen_i_global = st2i(params, model_state, batch, key)
+    gen_y_global = si2t(params, model_state, batch, jax.random.fold_in(key, 1))
+    gen_i, gen_y = sharding_lib.host_local((gen_i_global, gen_y_global), mesh)
+    gen_uint8 = visualize.to_uint8(gen_i["images"])
     real_uint8 = visualize.to_uint8(np.asarray(host["image"]))
-    scorers.update(params, batch, gen_i["images"], gen_uint8, real_uint8,
-                   [r[0] for r in refs], rows)
-
-    golds = [r.scene_3dsg for r in recs]
-    gold_rel = [gold_relations(g) for g in golds]
-    for j, rels in zip(rows, gold_rel):
+    features = scorers.rows(params, mesh, batch, gen_i_global["images"], gen_uint8,
+                            real_uint8, [r[0] for r in refs])
+    text = tokenizer_lib.decode_batch(tok, gen_y["text_ids"][rows], gen_y["text_mask"][rows])
+    counts = {}
+    if flags["graph"]:
+      gold_padded = {k: np.asarray(v)[rows] for k, v in sd3_lib.graph_of(host, "g3d").items()}
+      for prefix, out in (("tsg", gen_i_global), ("vsg", gen_y_global)):
+        pred = sharding_lib.host_local(predict(graph(params, out["graph_codes"])), mesh)
+        pred = {k: v[rows] for k, v in pred.items()}
+        counts[prefix] = [graph_counts({k: v[n:n + 1] for k, v in pred.items()},
+                                       {k: v[n:n + 1] for k, v in gold_padded.items()}, vocab)
+                          for n in range(len(rows))]
+    for n, (j, rec) in enumerate(zip(rows, recs)):
       triples = scene_captions.parse_caption(refs[j][0])
+      gold_rel = gold_relations(rec.scene_3dsg)
+      ex = {"index": int(host["index"][j]), "prompt": refs[j][0], "refs": refs[j],
+            "caption": text[n], "gold_graph": rec.scene_3dsg, "gold_rel": gold_rel,
+            "prompt_triples": triples, "gen_image": gen_uint8[j], "real_image": real_uint8[j],
+            "features": {k: v[j] for k, v in features.items()}}
       for name, image in (("gen", gen_uint8[j]), ("real", real_uint8[j])):
         geoms = verifier.estimate_geoms(image)
         if name == "gen":
-          image_hits.append([verifier.relation_holds(geoms, *t) for t in triples])
-          prompt_triples.append(triples)
-        trirec[name][0] += sum(verifier.relation_holds(geoms, *t) for t in rels)
-        trirec[name][1] += len(rels)
+          ex["image_hits"] = [verifier.relation_holds(geoms, *t) for t in triples]
+        ex[f"trirec_{name}"] = sum(verifier.relation_holds(geoms, *t) for t in gold_rel)
+      for prefix in counts:
+        ex[f"from_{prefix}"] = np.asarray(counts[prefix][n])
+        ex[f"copy_{prefix}"] = copy_counts([rec], prefix)
+      examples.append(ex)
+  examples = sorted((ex for part in sharding_lib.gather_objects(examples) for ex in part),
+                    key=lambda ex: ex["index"])
 
-    text = tokenizer_lib.decode_batch(tok, gen_y["text_ids"][rows], gen_y["text_mask"][rows])
-    caption_hits += verifier.verify_captions(text, golds)
-    caption_triples += [scene_captions.parse_caption(t) for t in text]
-    if flags["graph"]:
-      gold_padded = {k: np.asarray(v)[rows] for k, v in sd3_lib.graph_of(host, "g3d").items()}
-      for prefix, out in (("tsg", gen_i), ("vsg", gen_y)):
-        pred = jax.device_get(predict(graph(params, out["graph_codes"])))
-        pred = {k: np.asarray(v)[rows] for k, v in pred.items()}
-        graph_totals[f"from_{prefix}"] += graph_counts(pred, gold_padded, vocab)
-        graph_totals[f"copy_{prefix}"] += copy_counts(recs, prefix)
-
-    prompts += [refs[j][0] for j in rows]
-    captions += text
-    refs_all += [refs[j] for j in rows]
-    golds_all += gold_rel
-    gold_graphs_all += golds
-    images_all.append(gen_uint8[rows])
-    real_all.append(real_uint8[rows])
-    seen += len(rows)
-
+  prompts = [ex["prompt"] for ex in examples]
+  captions = [ex["caption"] for ex in examples]
+  golds = [ex["gold_graph"] for ex in examples]
+  image_hits = [ex["image_hits"] for ex in examples]
+  caption_hits = verifier.verify_captions(captions, golds)
+  real_images = np.stack([ex["real_image"] for ex in examples])
   out_dir = pathlib.Path(workdir) / "samples"
-  visualize.save_grid(out_dir / f"st2i_{tag}.png", np.concatenate(images_all)[:32],
-                      prompts[:32])
-  visualize.save_grid(out_dir / f"si2t_{tag}.png", np.concatenate(real_all)[:32],
-                      captions[:32])
+  if jax.process_index() == 0:
+    visualize.save_grid(out_dir / f"st2i_{tag}.png",
+                        np.stack([ex["gen_image"] for ex in examples[:32]]), prompts[:32])
+    visualize.save_grid(out_dir / f"si2t_{tag}.png", real_images[:32], captions[:32])
+  num_rel = max(sum(len(ex["gold_rel"]) for ex in examples), 1)
   result = {
-      "num_samples": seen,
+      "num_samples": len(examples),
       "st2i/spatial_acc": verifier.spatial_accuracy(image_hits),
-      **spatial_baselines(np.concatenate(real_all), prompts, gold_graphs_all),
+      **spatial_baselines(real_images, prompts, golds),
       "si2t/spatial_acc": verifier.spatial_accuracy(caption_hits),
-      "st2i/per_predicate": verifier.per_predicate_accuracy(image_hits, prompt_triples),
-      "si2t/per_predicate": verifier.per_predicate_accuracy(caption_hits, caption_triples),
-      "st2i/trirec": trirec["gen"][0] / max(trirec["gen"][1], 1),
-      "st2i/trirec_real": trirec["real"][0] / max(trirec["real"][1], 1),
+      "st2i/per_predicate": verifier.per_predicate_accuracy(
+          image_hits, [ex["prompt_triples"] for ex in examples]),
+      "si2t/per_predicate": verifier.per_predicate_accuracy(
+          caption_hits, [scene_captions.parse_caption(c) for c in captions]),
+      "st2i/trirec": sum(ex["trirec_gen"] for ex in examples) / num_rel,
+      "st2i/trirec_real": sum(ex["trirec_real"] for ex in examples) / num_rel,
   }
-  result.update(scorers.result(ev.is_splits))
+  result.update(scorers.result([ex["features"] for ex in examples], ev.is_splits))
   unavailable = dict(scorers.unavailable)
   text_values, text_unavailable = caption_metrics(
-      captions, refs_all, golds_all, meteor_dir=ev.meteor_dir, spice_dir=ev.spice_dir,
-      java_scorers=ev.java_scorers)
+      captions, [ex["refs"] for ex in examples], [ex["gold_rel"] for ex in examples],
+      meteor_dir=ev.meteor_dir, spice_dir=ev.spice_dir, java_scorers=ev.java_scorers)
   result.update(text_values)
   unavailable.update(text_unavailable)
-  for name, counts in graph_totals.items():
-    which, prefix = name.split("_")
-    for kind, value in triple_scores(*counts).items():
-      key = f"graph/{kind}_{which}_{prefix}"
-      result[key] = value if flags["graph"] else None
-      if not flags["graph"]:
-        unavailable[key] = f"variant {config.variant} has no 3DSG"
+  for which in ("from", "copy"):
+    for prefix in ("tsg", "vsg"):
+      name = f"{which}_{prefix}"
+      counts = sum((ex[name] for ex in examples if name in ex), np.zeros(3, np.int64))
+      for kind, value in triple_scores(*counts).items():
+        key = f"graph/{kind}_{which}_{prefix}"
+        result[key] = value if flags["graph"] else None
+        if not flags["graph"]:
+          unavailable[key] = f"variant {config.variant} has no 3DSG"
   result["unavailable"] = unavailable
   metrics_lib.say(f"[eval:{tag}] " + " | ".join(
       f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))

@@ -93,7 +93,29 @@ def load_run(workdir) -> dict[str, Any]:
                            "(stage 4 and data.name=spatial_scenes)", file=str(path),
                            field="eval")
   return {"workdir": str(workdir), "variant": str(cfg["variant"]), "seed": int(cfg["seed"]),
-          "source": name, "eval": data["eval"]}
+          "source": name, "eval": data["eval"], "config": cfg}
+
+
+# Config keys that say where a run lives or how it was started, not what it trained: runs
+# that differ only in these (and the seed) are seeds of one experiment.
+NOT_THE_EXPERIMENT = ("seed", "mode", "data.dir", "resume", "init_from", "eval.compare_with")
+
+
+def _flat(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _experiment(run: Mapping[str, Any]) -> tuple:
+  """What a run trained: its config without the seed and the run's own paths."""
+  flat = _flat(run.get("config") or {"variant": run["variant"]})
+  return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flat.items()
+                      if k not in NOT_THE_EXPERIMENT))
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -134,23 +156,43 @@ def _variant_order(variant: str):
 
 def table_rows(results_by_run: Mapping[str, Mapping[str, Any]],
                columns: Sequence[Column] = COLUMNS) -> list[dict[str, Any]]:
-  """Groups runs ({name: {variant, seed, eval}}) by variant; one aggregate row each.
+  """One aggregate row per experiment: runs ({name: {variant, seed, eval[, config]}}) whose
+  configs differ only in the seed (and `NOT_THE_EXPERIMENT`); a seed twice in one row is an
+  error. Rows of one variant with different configs are labelled by what differs.
 
   Each row: {variant, label, seeds, runs, cells: {metric key: {mean, std, n, reason}}};
   std over seeds with ddof=1, None below 2 values; reason is why values are missing.
   """
-  by_variant: dict[str, list] = {}
+  groups: dict[tuple, list] = {}
   for name, run in results_by_run.items():
     for key in ("variant", "seed", "eval"):
       if key not in run:
         raise schema.DataError(f"run {name!r} has no {key!r}", field=key)
-    by_variant.setdefault(run["variant"], []).append((name, run))
+    groups.setdefault((run["variant"], _experiment(run)), []).append((name, run))
+  per_variant: dict[str, list] = {}
+  for variant, experiment in groups:
+    per_variant.setdefault(variant, []).append(dict(experiment))
   rows = []
-  for variant in sorted(by_variant, key=_variant_order):
-    named = sorted(by_variant[variant], key=lambda nr: (nr[1]["seed"], nr[0]))
+  for variant, experiment in sorted(groups, key=lambda g: (_variant_order(g[0]), g[1])):
+    named = sorted(groups[(variant, experiment)], key=lambda nr: (nr[1]["seed"], nr[0]))
+    seeds = [r["seed"] for _, r in named]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+      raise schema.DataError(
+          f"runs {', '.join(n for n, r in named if r['seed'] in twice)} are the same "
+          f"experiment with the same seed {twice}: give each run its own --config.seed",
+          field="seed")
+    label = VARIANT_LABELS.get(variant, variant)
+    others = per_variant[variant]
+    if len(others) > 1:  # name the keys that set this experiment apart
+      mine = dict(experiment)
+      differ = sorted(k for k in set().union(*others) if any(o.get(k) != mine.get(k)
+                                                              for o in others))
+      label += " (" + ", ".join(f"{k}={json.loads(mine[k]) if k in mine else '—'}"
+                                for k in differ[:3]) + ("…" if len(differ) > 3 else "") + ")"
     runs = [r for _, r in named]
-    rows.append({"variant": variant, "label": VARIANT_LABELS.get(variant, variant),
-                 "seeds": [r["seed"] for r in runs], "runs": [n for n, _ in named],
+    rows.append({"variant": variant, "label": label, "seeds": seeds,
+                 "runs": [n for n, _ in named],
                  "cells": {c.key: _cell(runs, c.key) for c in columns}})
   return rows
 
@@ -214,9 +256,13 @@ def write_report(workdirs: Sequence, out_dir, *,
     row = table_rows({name: run}, columns)[0]
     per_run.append(dict(row, label=f"{row['label']} ({name})"))
   n = sorted({int(r["eval"].get("num_samples", 0)) for r in runs.values()})
+  seeds = sorted({len(r["seeds"]) for r in rows})
+  plural = lambda k, word: f"{k} {word}" + ("" if k == 1 else "s")  # noqa: E731
   md = ["# Table 2 on spatial-scenes", "",
-        f"{len(runs)} runs, {', '.join(map(str, n))} test samples each; mean ± std over "
-        "seeds (std with ddof=1, from 2 seeds).", "", markdown_table(rows, columns),
+        f"{plural(len(runs), 'run')} in {plural(len(rows), 'row')} (a row: runs whose "
+        f"configs differ only in the seed; {'/'.join(map(str, seeds))} seeds a row), "
+        f"{'/'.join(map(str, n))} test samples each; mean ± std over a row's seeds (std "
+        "with ddof=1, from 2 seeds).", "", markdown_table(rows, columns),
         DEFINITIONS, "## Runs", "", markdown_table(per_run, columns)]
   (out_dir / "table.md").write_text("\n".join(md))
   return report

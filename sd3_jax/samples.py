@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from sd3_jax import evaluate
+from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
 from sd3_jax import visualize
 from sd3_jax.data import builders
@@ -33,6 +34,7 @@ class SampleSheets:
     self._tokenizer = tokenizer_lib.load_tokenizer(data_info["tokenizer"])
     self._vocab = graphs_lib.GraphVocab.load(data_info["graph_vocab"])
     self._st2i, self._si2t, self._graph = evaluate.make_generators(model, config, mesh)
+    self._mesh = mesh
     self._graphs = steps.variant_flags(config.variant)["graph"]
     self._host, self._batch, _ = next(evaluate.eval_batches(
         config, mesh, config.eval.split, num_examples))
@@ -48,9 +50,10 @@ class SampleSheets:
   def __call__(self, step: int, state) -> list[pathlib.Path]:
     params, model_state = state.ema_params, state.model_state
     n, valid = self._count, self._valid
-    gen_i = jax.device_get(self._st2i(params, model_state, self._batch, self._key))
-    gen_y = jax.device_get(self._si2t(params, model_state, self._batch,
-                                      jax.random.fold_in(self._key, 1)))
+    gen_i_global = self._st2i(params, model_state, self._batch, self._key)
+    gen_i = sharding_lib.host_local(gen_i_global, self._mesh)
+    gen_y = sharding_lib.host_local(self._si2t(params, model_state, self._batch,
+                                               jax.random.fold_in(self._key, 1)), self._mesh)
     captions = tokenizer_lib.decode_batch(self._tokenizer, gen_y["text_ids"][valid][:n],
                                           gen_y["text_mask"][valid][:n])
     stem = self._out / f"{self._tag}_step{step}"
@@ -60,7 +63,7 @@ class SampleSheets:
         visualize.save_grid(f"{stem}_si2t.png", np.asarray(self._host["image"])[valid][:n],
                             captions)]
     if self._graphs:
-      logits = jax.device_get(self._graph(params, gen_i["graph_codes"]))
+      logits = sharding_lib.host_local(self._graph(params, gen_i_global["graph_codes"]), self._mesh)
       graphs = dgae_lib.decode_to_graphs(jax.tree.map(lambda x: x[valid][:n], logits),
                                          self._vocab)
       paths.append(visualize.save_graph_grid(f"{stem}_3dsg.png", graphs, self._prompts))
@@ -82,6 +85,7 @@ class CurvePoints:
     self._tokenizer = tokenizer_lib.load_tokenizer(raw / builders.TOKENIZER_DIR)
     self._vocab = graphs_lib.GraphVocab.load(raw / builders.GRAPH_VOCAB_FILE)
     self._st2i, self._si2t, self._graph = evaluate.make_generators(model, config, mesh)
+    self._mesh = mesh
     self._predict = jax.jit(lambda logits: dgae_lib.predict_padded(
         logits, self._vocab.type_mask()))
     self._graphs = steps.variant_flags(config.variant)["graph"]
@@ -101,8 +105,9 @@ class CurvePoints:
     for i, (host, batch, recs) in enumerate(self._batches):
       valid = np.asarray(host["valid"])
       key = jax.random.fold_in(self._key, i)
-      gen_i = jax.device_get(self._st2i(params, model_state, batch, key))
-      gen_y = jax.device_get(self._si2t(params, model_state, batch, jax.random.fold_in(key, 1)))
+      gen_i_global = self._st2i(params, model_state, batch, key)
+      gen_y_global = self._si2t(params, model_state, batch, jax.random.fold_in(key, 1))
+      gen_i, gen_y = sharding_lib.host_local((gen_i_global, gen_y_global), self._mesh)
       refs = [r[0] for r in np.asarray(host["references"])[valid]]
       image_hits += evaluate.prompt_hits(
           visualize.to_uint8(np.asarray(gen_i["images"])[valid]), refs)
@@ -114,8 +119,9 @@ class CurvePoints:
       golds += [r.scene_3dsg for r in recs]
       if self._graphs:
         gold = {k: np.asarray(v)[valid] for k, v in sd3_lib.graph_of(host, "g3d").items()}
-        for prefix, out in (("tsg", gen_i), ("vsg", gen_y)):
-          pred = jax.device_get(self._predict(self._graph(params, out["graph_codes"])))
+        for prefix, out in (("tsg", gen_i_global), ("vsg", gen_y_global)):
+          pred = sharding_lib.host_local(self._predict(self._graph(params, out["graph_codes"])),
+                                         self._mesh)
           counts[f"from_{prefix}"] += evaluate.graph_counts(
               {k: np.asarray(v)[valid] for k, v in pred.items()}, gold, self._vocab)
           counts[f"copy_{prefix}"] += evaluate.copy_counts(recs, prefix)

@@ -3,10 +3,12 @@
 One mesh (`data`, `fsdp`, `tensor`) for everything. Models name their axes logically
 (`'batch'`, `'embed'`, ...); `config.logical_axis_rules` maps names to mesh axes.
 """
+import pickle
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -99,6 +101,25 @@ def to_global_steps(batches: Sequence[dict], mesh: Mesh) -> dict:
   """
   stacked = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
   return _to_global(stacked, steps_sharding(mesh))
+
+
+def host_local(tree, mesh: Mesh):
+  """This process's rows of batch-sharded global arrays as numpy: the inverse of
+  `to_global` (one process: the whole array)."""
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, mesh, P(BATCH_AXES))), tree)
+
+
+def gather_objects(obj: Any) -> list:
+  """Every process's `obj` (any picklable value), in process order, on every process."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  every = np.asarray(multihost_utils.process_allgather(padded))
+  return [pickle.loads(every[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
 
 
 def _to_global(batch: dict, sharding: NamedSharding) -> dict:

@@ -301,16 +301,55 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
 LOSSES = {"0a": loss_0a, "0b": loss_0b, "1": loss_1, "2": loss_2, "3": loss_3, "4": loss_4}
 
 
+def micro_batches(batch: Mapping[str, Any], k: int) -> dict:
+  """[B, ...] -> [k, B/k, ...]: micro-batch j is rows j, j+k, j+2k, ... so that each device's
+  contiguous block of a batch-sharded array holds its share of every micro-batch."""
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} does not split into optim.grad_accum_steps={k}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, dict(batch))
+
+
+def accumulated_grads(loss_fn: Callable, params, model_state, batch, rng, k: int):
+  """(grads, model_state, metrics) of `loss_fn(params, model_state, batch, rng) -> (loss,
+  (model_state, metrics))` over `k` micro-batches: one float32 gradient sum, mean of the
+  micro-batch gradients and metrics (a batch-mean loss of k x the size, when k > 1)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    (_, (model_state, metrics)), grads = grad_fn(params, model_state, batch, rng)
+    return grads, model_state, metrics
+
+  def body(carry, inputs):
+    acc, state = carry
+    j, micro = inputs
+    (_, (state, metrics)), grads = grad_fn(params, state, micro, jax.random.fold_in(rng, j))
+    acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+    return (acc, state), metrics
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (total, model_state), metrics = jax.lax.scan(
+      body, (zeros, model_state), (jnp.arange(k), micro_batches(batch, k)))
+  grads = jax.tree.map(lambda t, p: (t / k).astype(p.dtype), total, params)
+  return grads, model_state, jax.tree.map(lambda m: jnp.mean(m, 0), metrics)
+
+
 def make_train_step(model: sd3_lib.SD3, config, stage: str, tx) -> Callable:
-  """`(state, batch, rng) -> (state, metrics)` for one stage (jit it with `train.fit`)."""
+  """`(state, batch, rng) -> (state, metrics)` for one stage (jit it with `train.fit`).
+
+  With `optim.grad_accum_steps` = k > 1 the batch is k micro-batches, scanned with one
+  optimizer update (the paper's batch on fewer chips); micro-batch j gets
+  fold_in(rng, j) and the model state (the VQ-VAE's EMA codebook) threads through them.
+  """
   loss_fn = LOSSES[stage]
+  k = int(config.optim.get("grad_accum_steps", 1))
 
   def step(state: ts.TrainState, batch: Mapping[str, Any], rng):
-    def f(params):
-      return loss_fn(model, config, params, state.model_state, batch, rng)
+    def f(params, model_state, micro, key):
+      return loss_fn(model, config, params, model_state, micro, key)
 
-    (loss, (model_state, metrics)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
-    del loss
+    grads, model_state, metrics = accumulated_grads(f, state.params, state.model_state,
+                                                    batch, rng, k)
     new_state = ts.apply_gradients(state, grads, tx, config.optim.ema_decay, model_state,
                                    trainable=trainable_mask(stage, config)(state.params))
     return new_state, metrics

@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from clu import metrics as clu_metrics
@@ -35,21 +36,35 @@ from sd3_jax.models import sd3 as sd3_lib
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit."""
+  """SIGTERM -> save and exit, at a step every process agrees on.
+
+  One process: a Python handler sets a flag the loop checks between calls. Several: JAX's
+  preemption sync manager (the coordination service, which receives each host's SIGTERM)
+  names the call at which every process stops, so all save the same step; each process
+  asks at every call with the call count, which is the same on every host.
+  """
 
   def __init__(self):
-    self.requested = False
+    self._requested = False
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._requested = True
+
+  def reached(self, call: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(call)
+    return self._requested
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def multi_step(step_fn: Callable) -> Callable:
@@ -145,12 +160,14 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
   interval = None
   hooks = [(periodic_every, periodic)] if callable(periodic) else list(periodic or [])
   intervals = (log_every, checkpoint_every) + tuple(every for every, _ in hooks)
+  calls = 0
   with _Preemption() as preemption:
     while step < num_steps:
       n = _steps_in_call(step, num_steps, substeps, intervals)
       batch = sharding_lib.to_global_steps([next(batches) for _ in range(n)], mesh)
       state, call_metrics = jitted(state, batch, rng)
       step += n
+      calls += 1
       # Logged values are means over the steps since the last line, accumulated on device.
       means = {k: clu_metrics.Average.from_model_output(v) for k, v in call_metrics.items()}
       interval = means if interval is None else {k: interval[k].merge(m)
@@ -170,9 +187,10 @@ def fit(*, stage: str, step_fn: Callable, state: Any, state_sharding: Any, batch
       for every, hook in hooks:
         if every and step % every == 0:
           hook(step, state)
-      if step % checkpoint_every == 0 or step == num_steps or preemption.requested:
+      preempted = preemption.reached(calls)
+      if step % checkpoint_every == 0 or step == num_steps or preempted:
         checkpointing.save(manager, step, state, _data_state(batches), config_json, force=True)
-      if preemption.requested:
+      if preempted:
         manager.wait_until_finished()
         manager.close()
         metrics_lib.say(f"[{stage}] SIGTERM: saved step {step}, exiting")

@@ -77,11 +77,11 @@ def test_markdown_table():
   assert single[header.index("FID ↓")] == fid_mark  # one footnote per reason
 
 
-def _workdir(root, name, run, file="summary.json"):
+def _workdir(root, name, run, file="summary.json", **config):
   d = root / name
   d.mkdir()
   (d / "config.json").write_text(json.dumps({"variant": run["variant"], "seed": run["seed"],
-                                             "mode": "train"}))
+                                             "mode": "train", **config}))
   (d / file).write_text(json.dumps({"stage_seconds": {}, "eval": run["eval"]}))
   return d
 
@@ -97,6 +97,26 @@ def test_write_report_reads_workdirs(tmp_path):
   md = (tmp_path / "report" / "table.md").read_text()
   assert "| SD³ | 0,1,2 |" in md and "60.00 ± 10.00" in md
   assert "| SD³ (sd3-s2) | 2 |" in md  # the per-run table
+  assert "4 runs in 2 rows" in md and "3/1 seeds a row" not in md
+
+
+def test_rows_group_only_runs_that_differ_in_the_seed(tmp_path):
+  """Two singleton runs of different experiments are two rows, not two "seeds"; one
+  experiment twice with one seed is an error; paths and the mode do not matter."""
+  run = RUNS["singleton-s0"]
+  small = _workdir(tmp_path, "small", run, data={"image_size": 32, "dir": "/a"})
+  large = _workdir(tmp_path, "large", run, data={"image_size": 64, "dir": "/b"})
+  rows = report.write_report([small, large], tmp_path / "out")["aggregate"]
+  assert [r["label"] for r in rows] == ["Singleton (data.image_size=32)",
+                                        "Singleton (data.image_size=64)"]
+  assert [r["seeds"] for r in rows] == [[0], [0]]
+  assert "2 runs in 2 rows" in (tmp_path / "out" / "table.md").read_text()
+  again = _workdir(tmp_path, "again", run, data={"image_size": 32, "dir": "/c"})
+  with pytest.raises(schema.DataError, match="same seed"):
+    report.write_report([small, again], tmp_path / "out")
+  seed1 = _workdir(tmp_path, "seed1", dict(run, seed=1), data={"image_size": 32, "dir": "/d"})
+  (row,) = report.write_report([small, seed1], tmp_path / "out")["aggregate"]
+  assert row["seeds"] == [0, 1] and row["label"] == "Singleton"
 
 
 def test_bad_workdirs(tmp_path):

@@ -1,6 +1,7 @@
 """The stage steps: each variant computes exactly its loss terms; results don't depend on
 the mesh."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -133,3 +134,30 @@ def test_batched_graph_chains_equal_separate_calls(tiny_config):
       want, _ = gd.apply({"params": params["graph_den"]}, z_t, t, cond[0],
                          cond[0] < gd.num_codes, *cond[1:], drop_cond=drop)
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulated_grads_equal_one_batch_of_k_times_the_size():
+  """k micro-batches, one update: the gradient and metrics of the whole batch (a mean
+  loss), in float32 whatever the parameters' dtype."""
+  x = jax.random.normal(jax.random.key(0), (12, 5))
+  y = jax.random.normal(jax.random.key(1), (12, 3))
+  params = {"w": jax.random.normal(jax.random.key(2), (5, 3)), "b": jnp.zeros(3)}
+
+  def loss_fn(p, model_state, batch, rng):
+    del rng
+    err = batch["x"] @ p["w"] + p["b"] - batch["y"]
+    loss = jnp.mean(err ** 2)
+    return loss, ({"count": model_state["count"] + 1}, {"loss": loss})
+
+  whole, state1, m1 = steps.accumulated_grads(loss_fn, params, {"count": 0},
+                                              {"x": x, "y": y}, jax.random.key(3), 1)
+  for k in (2, 3, 4):
+    acc, state_k, mk = jax.jit(lambda p, b: steps.accumulated_grads(
+        loss_fn, p, {"count": 0}, b, jax.random.key(3), k))(params, {"x": x, "y": y})
+    for name in params:
+      np.testing.assert_allclose(acc[name], whole[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mk["loss"], m1["loss"], rtol=1e-5)
+    assert int(state_k["count"]) == k and int(state1["count"]) == 1
+  with pytest.raises(ValueError, match="grad_accum_steps=5"):
+    steps.accumulated_grads(loss_fn, params, {"count": 0}, {"x": x, "y": y},
+                            jax.random.key(3), 5)

@@ -23,7 +23,6 @@ host-only; `sharding.to_global` leaves it behind).
 """
 import dataclasses
 import io
-import math
 import pathlib
 from typing import Any, Optional, Sequence
 
@@ -182,17 +181,24 @@ class _ExampleSource(grain.RandomAccessDataSource):
 
 
 class _PaddedShard(grain.RandomAccessDataSource):
-  """Eval shard of exactly `length` slots: slot k is example `start + k * step`, or a copy
-  of example 0 marked invalid past the end (every process gets the same batch count)."""
+  """One process's eval slots, in blocks: global batch i holds examples [i·B, (i+1)·B) in
+  order, process p's `local` rows of it being [i·B + p·local, i·B + (p+1)·local). So every
+  process count forms the same global batches as one process (same samples, same keys),
+  and slots past the end are copies of example 0 marked invalid (every process gets the
+  same number of batches)."""
 
-  def __init__(self, parent: _ExampleSource, start: int, step: int, length: int):
-    self._parent, self._start, self._step, self._length = parent, start, step, length
+  def __init__(self, parent: _ExampleSource, process_index: int, process_count: int,
+               local_batch: int):
+    self._parent, self._p, self._n, self._local = (parent, process_index, process_count,
+                                                   local_batch)
+    self._length = -(-len(parent) // (local_batch * process_count)) * local_batch
 
   def __len__(self) -> int:
     return self._length
 
   def __getitem__(self, k: int) -> dict:
-    i = self._start + k * self._step
+    batch, row = divmod(k, self._local)
+    i = (batch * self._n + self._p) * self._local + row
     valid = i < len(self._parent)
     out = self._parent[i if valid else 0]
     out["valid"] = valid
@@ -267,7 +273,8 @@ class _Collate:
 
 def make_dataset(config_like: Any, split: str, *, seed: int, process_index: int = 0,
                  process_count: int = 1, train: bool = True,
-                 data_dir: Optional[str] = None) -> grain.IterDataset:
+                 data_dir: Optional[str] = None,
+                 num_examples: Optional[int] = None) -> grain.IterDataset:
   """The grain dataset of `split` for this process (see the module docstring).
 
   Args:
@@ -281,6 +288,7 @@ def make_dataset(config_like: Any, split: str, *, seed: int, process_index: int 
     train: train (one example per caption, shuffled, repeated, remainder dropped) or eval
       (one example per image, in order, one pass, last batch padded and marked).
     data_dir: overrides `data.dir`.
+    num_examples: eval only: the first `num_examples` examples of the split.
 
   Returns:
     A `grain.IterDataset`; `iter(ds)` gives batches and has `get_state` / `set_state`.
@@ -313,8 +321,11 @@ def make_dataset(config_like: Any, split: str, *, seed: int, process_index: int 
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.batch(spec.batch_size, drop_remainder=True, batch_fn=collate)
   else:
-    length = math.ceil(len(examples) / process_count)
-    ds = grain.MapDataset.source(_PaddedShard(examples, process_index, process_count, length))
+    if num_examples is not None:
+      examples = _ExampleSource(source, table[:num_examples], caption_graphs=bool(
+          caption_prefixes), with_references=True)
+    ds = grain.MapDataset.source(_PaddedShard(examples, process_index, process_count,
+                                              spec.batch_size))
     ds = ds.batch(spec.batch_size, drop_remainder=False, batch_fn=collate)
   it_ds = ds.to_iter_dataset()
   if spec.num_workers > 0:

@@ -217,17 +217,25 @@ class MultiHeadAttention(nn.Module):
     k = constrain(k, kv_axes)
     v = constrain(v, kv_axes)
 
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k).astype(jnp.float32)
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-      probs = probs * mask
-    if not deterministic and self.dropout_rate > 0:
+    if deterministic or self.dropout_rate == 0:
+      # jax.nn.dot_product_attention: the fused kernel where the backend has one (cuDNN
+      # flash attention on GPUs); XLA's einsum-softmax elsewhere, same results.
+      out = jax.nn.dot_product_attention(
+          q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+          scale=hd ** -0.5)
+      if mask is not None:  # rows without any allowed key: zeros, not a uniform average
+        out = out * jnp.swapaxes(jnp.any(mask, -1), 1, 2)[..., None].astype(out.dtype)
+    else:  # attention-probability dropout needs the probabilities
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k).astype(jnp.float32)
+      if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      if mask is not None:
+        probs = probs * mask
       probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     out = DenseGeneral(d, ("heads", "kv", "embed"), num_in_axes=2, dtype=self.dtype,
                        param_dtype=self.param_dtype, name="out")(out)
     return constrain(out, _BLOCK_AXES)

@@ -75,6 +75,9 @@ class SD3:
     # Dense is a code embedding table: nearby FSQ codes mean unrelated content).
     code_dim = len(levels) + (num_codes if m.graph_interface == "embed" else 0)
     den = dict(image=m.image_denoiser, text=m.text_denoiser, graph=m.graph_denoiser)
+    # The three chains compute in `model.compute_dtype`; parameters, optimizer state and
+    # the logits the losses read stay float32.
+    compute = dict(dtype=jnp.dtype(m.get("compute_dtype", "float32")))
     nets = dict(
         vqvae=vq,
         clip=clip,
@@ -94,16 +97,16 @@ class SD3:
         image_den=image_denoiser.ImageDenoiser(
             codebook_size=vq.num_codes, grid_shape=(grid, grid), width=den["image"].width,
             num_layers=den["image"].num_layers, num_heads=den["image"].num_heads,
-            graph_dim=code_dim),
+            graph_dim=code_dim, **compute),
         text_den=text_denoiser.TextDenoiser(
             vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
             width=den["text"].width, num_layers=den["text"].num_layers,
-            num_heads=den["text"].num_heads, graph_dim=code_dim),
+            num_heads=den["text"].num_heads, graph_dim=code_dim, **compute),
         graph_den=graph_denoiser.GraphDenoiser(
             num_codes=num_codes, width=den["graph"].width, num_layers=den["graph"].num_layers,
             num_heads=den["graph"].num_heads, teacher_dim=den["image"].width,
             fsq_levels=levels, attention_impl=den["graph"].attention_impl,
-            aligned_slots=c.data.max_nodes if den["graph"].aligned_slots else 0),
+            aligned_slots=c.data.max_nodes if den["graph"].aligned_slots else 0, **compute),
     )
     for name, net in nets.items():
       object.__setattr__(self, name, net)

@@ -117,6 +117,11 @@ def test_eval_one_pass_padded_and_sharded(cfg):
     batches = list(pipeline.make_dataset(cfg, "val", seed=0, train=False, process_index=p,
                                          process_count=2))
     assert len(batches) == 2  # 3 images per process, batch 2: one full, one padded
+    # Global batch i is examples [4i, 4i + 4) in order, as one process would read them.
+    assert batches[0]["index"].tolist() == [2 * p, 2 * p + 1]
+    first = list(pipeline.make_dataset(cfg, "val", seed=0, train=False, process_index=p,
+                                       process_count=2, num_examples=3))
+    assert len(first) == 1 and first[0]["valid"].tolist() == [True, p == 0]
     for x in batches:
       assert x["image"].shape == (2, 32, 32, 3) and x["valid"].dtype == np.bool_
       for row in np.flatnonzero(x["valid"]):
