@@ -182,8 +182,10 @@ def test_two_processes_reproduce_one_process_training_and_evaluation(tiny_config
   stop = int(saved[0][0].split("saved step ")[1].split(",")[0])
   assert saved[0][0].endswith(saved[1][0].split("] ")[1]) and sigterm_at <= stop < num_steps
   data_dir = tmp_path / "checkpoints" / f"stage{STAGE}" / str(stop) / "data"
+  # One iterator state per process, each saved by its own process (with worker processes
+  # they differ; here each is the position in its own shard).
   states = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
-  assert states[0] != states[1]  # each process reads its own shard
+  assert states == [{"state": {"next_index": stop}}] * 2
 
   port = _free_port()
   procs = [_launch(tmp_path, config, vocab, i, port, num_steps, evaluate=True)
