@@ -151,7 +151,7 @@ def get_config(arg=None):
       eval_every_steps=400, curve_examples=64))
 
   config.eval = ml_collections.ConfigDict(dict(
-      num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=3.0,
+      num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=2.0,
       batch_size=64, split="test",
       # ancestral | confidence per chain (generate._sample).
       image_sampler="ancestral", text_sampler="confidence", graph_sampler="confidence"))

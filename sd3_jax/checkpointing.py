@@ -34,6 +34,9 @@ class DataStateHandler(ocp.CheckpointHandler):
     del args
     path = (pathlib.Path(directory)
             / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    legacy = pathlib.Path(directory) / "metadata"  # one JSON for all, before per-process
+    if not path.is_file() and jax.process_count() == 1 and legacy.is_file():
+      return json.loads(legacy.read_text())
     if not path.is_file():
       raise FileNotFoundError(f"no data-iterator state for this process: {path} (was the "
                               "checkpoint written by another number of processes?)")
