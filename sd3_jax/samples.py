@@ -56,14 +56,17 @@ class SampleSheets:
                                                jax.random.fold_in(self._key, 1)), self._mesh)
     captions = tokenizer_lib.decode_batch(self._tokenizer, gen_y["text_ids"][valid][:n],
                                           gen_y["text_mask"][valid][:n])
+    logits = sharding_lib.host_local(self._graph(params, gen_i_global["graph_codes"]),
+                                     self._mesh) if self._graphs else None
+    if jax.process_index() != 0:  # the samplers ran on every process; one draws its rows
+      return []
     stem = self._out / f"{self._tag}_step{step}"
     paths = [
         visualize.save_grid(f"{stem}_st2i.png", np.asarray(gen_i["images"])[valid][:n],
                             self._prompts),
         visualize.save_grid(f"{stem}_si2t.png", np.asarray(self._host["image"])[valid][:n],
                             captions)]
-    if self._graphs:
-      logits = sharding_lib.host_local(self._graph(params, gen_i_global["graph_codes"]), self._mesh)
+    if logits is not None:
       graphs = dgae_lib.decode_to_graphs(jax.tree.map(lambda x: x[valid][:n], logits),
                                          self._vocab)
       paths.append(visualize.save_graph_grid(f"{stem}_3dsg.png", graphs, self._prompts))
@@ -98,10 +101,11 @@ class CurvePoints:
 
   def __call__(self, step: int, state) -> dict:
     params, model_state = state.ema_params, state.model_state
-    image_hits, caption_hits = [], []
+    # Each process scores its rows of the held-out batches; the point is over all of them,
+    # gathered once, in example order (the shuffled baselines depend on it).
+    rows = []
     counts = {k: np.zeros(3, np.int64) for k in ("from_tsg", "from_vsg", "copy_tsg",
                                                  "copy_vsg")}
-    reals, prompts, golds = [], [], []
     for i, (host, batch, recs) in enumerate(self._batches):
       valid = np.asarray(host["valid"])
       key = jax.random.fold_in(self._key, i)
@@ -109,14 +113,14 @@ class CurvePoints:
       gen_y_global = self._si2t(params, model_state, batch, jax.random.fold_in(key, 1))
       gen_i, gen_y = sharding_lib.host_local((gen_i_global, gen_y_global), self._mesh)
       refs = [r[0] for r in np.asarray(host["references"])[valid]]
-      image_hits += evaluate.prompt_hits(
+      image_hits = evaluate.prompt_hits(
           visualize.to_uint8(np.asarray(gen_i["images"])[valid]), refs)
       text = tokenizer_lib.decode_batch(self._tokenizer, gen_y["text_ids"][valid],
                                         gen_y["text_mask"][valid])
-      caption_hits += verifier.verify_captions(text, [r.scene_3dsg for r in recs])
-      reals.append(visualize.to_uint8(np.asarray(host["image"])[valid]))
-      prompts += refs
-      golds += [r.scene_3dsg for r in recs]
+      caption_hits = verifier.verify_captions(text, [r.scene_3dsg for r in recs])
+      reals = visualize.to_uint8(np.asarray(host["image"])[valid])
+      rows += list(zip(np.asarray(host["index"])[valid].tolist(), image_hits, caption_hits,
+                       reals, refs, [r.scene_3dsg for r in recs]))
       if self._graphs:
         gold = {k: np.asarray(v)[valid] for k, v in sd3_lib.graph_of(host, "g3d").items()}
         for prefix, out in (("tsg", gen_i_global), ("vsg", gen_y_global)):
@@ -125,8 +129,12 @@ class CurvePoints:
           counts[f"from_{prefix}"] += evaluate.graph_counts(
               {k: np.asarray(v)[valid] for k, v in pred.items()}, gold, self._vocab)
           counts[f"copy_{prefix}"] += evaluate.copy_counts(recs, prefix)
+    gathered = sharding_lib.gather_objects((rows, counts))
+    rows = sorted((r for part, _ in gathered for r in part), key=lambda r: r[0])
+    counts = {k: sum(c[k] for _, c in gathered) for k in counts}
+    _, image_hits, caption_hits, reals, prompts, golds = zip(*rows)
     if self._baselines is None:
-      self._baselines = evaluate.spatial_baselines(np.concatenate(reals), prompts, golds)
+      self._baselines = evaluate.spatial_baselines(np.stack(reals), list(prompts), list(golds))
     point = {"curve/st2i_spatial_acc": verifier.spatial_accuracy(image_hits),
              "curve/si2t_spatial_acc": verifier.spatial_accuracy(caption_hits),
              "curve/st2i_chance": self._baselines["st2i/spatial_acc_chance"],
@@ -136,5 +144,6 @@ class CurvePoints:
         point[f"curve/graph_f1_{name}"] = evaluate.triple_scores(*c)["trif1"]
     self._writer.write(self._offset + step, point, stage="curve")
     self._writer.flush()
-    visualize.save_curves(self._workdir / "metrics.jsonl", self._workdir / "curves.png")
+    if jax.process_index() == 0:
+      visualize.save_curves(self._workdir / "metrics.jsonl", self._workdir / "curves.png")
     return point
