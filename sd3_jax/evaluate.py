@@ -78,20 +78,27 @@ def _vqvae_metrics(model, config, params, model_state, mesh):
   recon = jax.jit(lambda p, ms, x: model.decode_image_tokens(
       p, ms, model.image_tokens(p, ms, x)))
   codes = jax.jit(lambda p, ms, x: model.image_tokens(p, ms, x))
-  used, hits_real, hits_recon, mse = set(), [], [], []
+  # Each process scores its rows; counts are summed over processes once.
+  used = np.zeros(model.vqvae.num_codes, bool)
+  hits_real, hits_recon, sq_err, values = [], [], 0.0, 0
   for host, batch, recs in eval_batches(config, mesh, "val", config.eval.num_samples):
     valid = np.asarray(host["valid"])
     triples = [scene_captions.parse_caption(r.captions[0]) for r in recs]
-    rec = np.asarray(recon(params, model_state, batch["image"]))[valid]
-    used |= set(np.asarray(codes(params, model_state, batch["image"]))[valid].ravel().tolist())
+    rec, ids = sharding_lib.host_local((recon(params, model_state, batch["image"]),
+                                        codes(params, model_state, batch["image"])), mesh)
+    rec = rec[valid]
+    used[ids[valid].ravel()] = True
     real = np.asarray(host["image"])[valid]
-    mse.append(np.mean((rec - real) ** 2))
+    sq_err, values = sq_err + float(np.sum((rec - real) ** 2)), values + rec.size
     hits_real += verifier.verify_images(visualize.to_uint8(real), triples)
     hits_recon += verifier.verify_images(visualize.to_uint8(rec), triples)
-  acc_real = verifier.spatial_accuracy(hits_real)
-  acc_recon = verifier.spatial_accuracy(hits_recon)
-  return {"vqvae/codebook_usage": len(used) / model.vqvae.num_codes,
-          "vqvae/recon_mse": float(np.mean(mse)), "vqvae/verifier_acc_real": acc_real,
+  parts = sharding_lib.gather_objects((used, hits_real, hits_recon, sq_err, values))
+  used = np.any([p[0] for p in parts], 0)
+  acc_real = verifier.spatial_accuracy([h for p in parts for h in p[1]])
+  acc_recon = verifier.spatial_accuracy([h for p in parts for h in p[2]])
+  mse = sum(p[3] for p in parts) / max(sum(p[4] for p in parts), 1)
+  return {"vqvae/codebook_usage": float(used.mean()),
+          "vqvae/recon_mse": mse, "vqvae/verifier_acc_real": acc_real,
           "vqvae/verifier_acc_recon": acc_recon, "vqvae/verifier_gap": acc_real - acc_recon}
 
 
@@ -120,13 +127,14 @@ def _dgae_metrics(model, config, params, model_state, mesh):
   for host, batch, _ in eval_batches(config, mesh, "val", config.eval.num_samples):
     valid = np.asarray(host["valid"])
     gold = {k: np.asarray(v)[valid] for k, v in sd3_lib.graph_of(host, "g3d").items()}
-    pred = {k: np.asarray(v)[valid] for k, v in jax.device_get(
-        fn(params, sd3_lib.graph_of(batch, "g3d"))).items()}
+    pred = {k: v[valid] for k, v in sharding_lib.host_local(
+        fn(params, sd3_lib.graph_of(batch, "g3d")), mesh).items()}
     real = gold["node_mask"]
     tag_hits += int(np.sum((pred["node_tag"] == gold["node_tag"]) & real))
     tag_total += int(np.sum(real))
     a, b, c = dgae_lib.edge_f1_counts(pred, gold)
     tp, fp, fn_ = tp + int(a), fp + int(b), fn_ + int(c)
+  tag_hits, tag_total, tp, fp, fn_ = gathered_sum(np.array([tag_hits, tag_total, tp, fp, fn_]))
   f1 = 2 * tp / max(2 * tp + fp + fn_, 1)
   return {"dgae/node_tag_acc": tag_hits / max(tag_total, 1), "dgae/edge_f1": f1}
 
@@ -158,9 +166,10 @@ def _graph_metrics(model, config, params, model_state, mesh):
     gold = {k: np.asarray(v)[valid] for k, v in sd3_lib.graph_of(host, "g3d").items()}
     for prefix in ("vsg", "tsg"):
       counts[f"copy_{prefix}"] += copy_counts(recs, prefix)
-      pred = jax.device_get(fns[prefix](params, batch, jax.random.key(i)))
+      pred = sharding_lib.host_local(fns[prefix](params, batch, jax.random.key(i)), mesh)
       counts[f"from_{prefix}"] += graph_counts(
-          {k: np.asarray(v)[valid] for k, v in pred.items()}, gold, vocab)
+          {k: v[valid] for k, v in pred.items()}, gold, vocab)
+  counts = gathered_sum(counts)
   return {f"graph/{kind}_{name}": value for name, c in counts.items()
           for kind, value in triple_scores(*c).items()}
 
@@ -291,19 +300,34 @@ def prompt_hits(images: np.ndarray, prompts: Sequence[str]) -> list[list[bool]]:
   return out
 
 
-def graph_counts(pred_padded: dict, gold_padded: dict,
-                 vocab: graphs_lib.GraphVocab) -> tuple[int, int, int]:
-  """Summed `triple_counts` of generated 3DSGs against gold, both padded [B, ...].
+def graph_counts_each(pred_padded: dict, gold_padded: dict,
+                      vocab: graphs_lib.GraphVocab) -> np.ndarray:
+  """Per example, `triple_counts` of a generated 3DSG against gold, both padded [B, ...]:
+  [B, 3] (matched, predicted, gold).
 
   Alignment-free: a generator need not put a node on the gold's slot (slot-by-slot node
   or edge accuracies would score the order, not the graph).
   """
-  total = np.zeros(3, np.int64)
-  for b in range(len(gold_padded["node_mask"])):
+  out = np.zeros((len(gold_padded["node_mask"]), 3), np.int64)
+  for b in range(len(out)):
     pred = graphs_lib.unpad_graph({k: v[b] for k, v in pred_padded.items()}, vocab)
     gold = graphs_lib.unpad_graph({k: v[b] for k, v in gold_padded.items()}, vocab)
-    total += triple_counts(pred, gold)
-  return tuple(int(x) for x in total)
+    out[b] = triple_counts(pred, gold)
+  return out
+
+
+def graph_counts(pred_padded: dict, gold_padded: dict,
+                 vocab: graphs_lib.GraphVocab) -> tuple[int, int, int]:
+  """Summed `graph_counts_each`."""
+  return tuple(int(x) for x in graph_counts_each(pred_padded, gold_padded, vocab).sum(0))
+
+
+def gathered_sum(value):
+  """`value` (a number, array, or dict of them) summed over every process."""
+  parts = sharding_lib.gather_objects(value)
+  if isinstance(value, dict):
+    return {k: sum(p[k] for p in parts) for k in value}
+  return sum(parts)
 
 
 def inception_fn(mesh) -> Callable:
@@ -484,10 +508,8 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
       gold_padded = {k: np.asarray(v)[rows] for k, v in sd3_lib.graph_of(host, "g3d").items()}
       for prefix, out in (("tsg", gen_i_global), ("vsg", gen_y_global)):
         pred = sharding_lib.host_local(predict(graph(params, out["graph_codes"])), mesh)
-        pred = {k: v[rows] for k, v in pred.items()}
-        counts[prefix] = [graph_counts({k: v[n:n + 1] for k, v in pred.items()},
-                                       {k: v[n:n + 1] for k, v in gold_padded.items()}, vocab)
-                          for n in range(len(rows))]
+        counts[prefix] = graph_counts_each({k: v[rows] for k, v in pred.items()},
+                                           gold_padded, vocab)
     for n, (j, rec) in enumerate(zip(rows, recs)):
       triples = scene_captions.parse_caption(refs[j][0])
       gold_rel = gold_relations(rec.scene_3dsg)
@@ -501,7 +523,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
           ex["image_hits"] = [verifier.relation_holds(geoms, *t) for t in triples]
         ex[f"trirec_{name}"] = sum(verifier.relation_holds(geoms, *t) for t in gold_rel)
       for prefix in counts:
-        ex[f"from_{prefix}"] = np.asarray(counts[prefix][n])
+        ex[f"from_{prefix}"] = counts[prefix][n]
         ex[f"copy_{prefix}"] = copy_counts([rec], prefix)
       examples.append(ex)
   examples = sorted((ex for part in sharding_lib.gather_objects(examples) for ex in part),

@@ -22,6 +22,7 @@ from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
 from sd3_jax import visualize
 from sd3_jax.data import graphs as graphs_lib
+from sd3_jax.data import pipeline
 from sd3_jax.data import scene_captions
 from sd3_jax.data import scenes
 from sd3_jax.data import schema
@@ -269,7 +270,6 @@ class Generator:
 
   def _batch(self, *, texts, images, graphs_2d, prefix="tsg") -> dict:
     """One example per input, with every key the samplers read (unused ones zero)."""
-
     data = self.config.data
     b = len(texts if texts is not None else images if images is not None else graphs_2d)
     batch = {}
@@ -300,7 +300,6 @@ class Generator:
     return dgae_lib.decode_to_graphs(logits, self.vocab)
 
   def _repeat(self, batch, num):
-
     return {k: np.repeat(v, num, axis=0) for k, v in batch.items()}
 
   def from_text(self, prompts, *, num: int = 4, seed: int = 0) -> list[dict]:
@@ -324,7 +323,6 @@ class Generator:
   def shape_reader(self):
     """The pixel VSG's shape reader, fitted once on the run's training renders and cached
     in the workdir (`shape_reader.npz`)."""
-
     if self._shape_reader is None:
       cache = self.workdir / "shape_reader.npz"
       if cache.is_file():
@@ -344,6 +342,7 @@ class Generator:
     """SI2T per image (uint8 [H, W, 3] at the run's size): `num` captions, the VSG (read
     from the pixels unless given), the generated 3DSGs and the verifier's hits per caption
     (each stated relation checked against the image itself)."""
+    from sd3_jax import evaluate
 
     out = []
     for i, image in enumerate(images):
@@ -354,18 +353,14 @@ class Generator:
       gen = jax.device_get(self._samplers()[1](self.params, self.model_state, batch,
                                                jax.random.fold_in(jax.random.key(seed), i)))
       captions = tokenizer_lib.decode_batch(self.tokenizer, gen["text_ids"], gen["text_mask"])
-      geoms = verifier.estimate_geoms(image)
-      hits = [[verifier.relation_holds(geoms, *t) for t in scene_captions.parse_caption(c)]
-              for c in captions]
+      hits = evaluate.prompt_hits(np.repeat(image[None], len(captions), 0), captions)
       out.append({"image": image, "captions": captions, "vsg": vsg, "hits": hits,
                   "graphs": self._graphs_of(gen["graph_codes"]) if self.graphs else None})
     return out
 
   def from_graph(self, graphs_2d, *, num: int = 1, seed: int = 0) -> list[dict]:
     """2DSG -> 3DSG per graph (no text or image: the global feature c^X is zero)."""
-
     if not self.graphs:
-  
       raise schema.DataError(f"variant {self.config.variant} has no 3DSG chain",
                              field="variant")
     sample = jax.jit(lambda p, b, k: graph_3d(
@@ -388,18 +383,13 @@ USAGE = """python -m sd3_jax.generate --workdir=DIR (--text=TEXT | --prompts=FIL
 
 
 def _read_image(path: str, size: int) -> np.ndarray:
+  """uint8 [size, size, 3], cropped and resized as the data pipeline does."""
   try:
     with Image.open(path) as img:
-      img = img.convert("RGB")
+      return pipeline.square_rgb(img, size)
   except (OSError, ValueError) as e:
     raise schema.DataError(f"not a readable image ({e.__class__.__name__}: {e})",
                            file=path) from None
-  if img.size != (size, size):
-    w, h = img.size
-    side = min(w, h)
-    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    img = img.resize((size, size), Image.BILINEAR, box=box)
-  return np.asarray(img)
 
 
 def _read_graph(path: str) -> graphs_lib.SceneGraph:
@@ -425,6 +415,11 @@ def _graph_json(graph: graphs_lib.SceneGraph) -> dict:
                         for a, p, b in graph.triples(identify_by=scenes.COLOUR_RANK)]}
 
 
+def _accuracies(hits) -> list[float]:
+  """Per output, the share of its stated relations the verifier finds (0 when none)."""
+  return [float(np.mean(h)) if h else 0.0 for h in hits]
+
+
 def write_outputs(results: list[dict], kind: str, out) -> dict:
   """Sheets (PNG) and `generated.json` for `Generator` results; returns the JSON summary."""
   out = pathlib.Path(out)
@@ -435,14 +430,14 @@ def write_outputs(results: list[dict], kind: str, out) -> dict:
     row = {}
     if kind == "text":
       row.update(prompt=r["prompt"], tsg=_graph_json(r["tsg"]),
-                 spatial_acc=[float(np.mean(h)) if h else 0.0 for h in r["hits"]],
+                 spatial_acc=_accuracies(r["hits"]),
                  images=str(visualize.save_grid(
                      f"{stem}_images.png", r["images"],
                      [f"{sum(h)}/{len(h)} relations hold" for h in r["hits"]])))
       title = r["prompt"]
     elif kind == "image":
       row.update(captions=r["captions"], vsg=_graph_json(r["vsg"]),
-                 spatial_acc=[float(np.mean(h)) if h else 0.0 for h in r["hits"]],
+                 spatial_acc=_accuracies(r["hits"]),
                  sheet=str(visualize.save_grid(f"{stem}_captions.png",
                                                np.repeat(r["image"][None], len(r["captions"]),
                                                          0), r["captions"])))

@@ -14,6 +14,9 @@ from typing import Mapping, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sd3_jax import config_lib
+from sd3_jax.data import schema
+
 config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics and samples.")
@@ -62,13 +65,9 @@ def initialize_distributed(environ: Optional[Mapping[str, str]] = None) -> bool:
   return True
 
 
-def user_error_types() -> tuple[type, ...]:
-  """Errors that are the user's to fix (a config value, a missing or bad input file): the
-  message alone, exit 2."""
-  from sd3_jax import config_lib
-  from sd3_jax.data import schema
-
-  return (config_lib.ConfigError, schema.DataError, FileNotFoundError)
+# Errors that are the user's to fix (a config value, a missing or bad input file): the
+# message alone, exit 2. (Neither module imports JAX.)
+USER_ERRORS = (config_lib.ConfigError, schema.DataError, FileNotFoundError)
 
 
 def main(argv):
@@ -76,15 +75,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     _main()
-  except user_error_types() as e:
+  except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
 
 
 def _main():
   import jax  # after flag parsing, so XLA flags from the environment apply
-
-  from sd3_jax import config_lib
 
   # Progress lines go to stdout (metrics.say); libraries' INFO chatter (orbax) stays off.
   logging.set_verbosity(logging.WARNING)

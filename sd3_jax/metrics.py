@@ -32,9 +32,9 @@ class _DropMessages(logging_std.Filter):
 def drop_library_messages(*prefixes: str) -> None:
   """Drops absl-log records starting with `prefixes`: a library's messages that tell the user
   nothing (TFDS's per-builder "custom data configuration", orbax's save-wait notes)."""
-  handler_filters = logging.get_absl_logger().filters
-  if not any(isinstance(f, _DropMessages) and f.prefixes == prefixes for f in handler_filters):
-    logging.get_absl_logger().addFilter(_DropMessages(prefixes))
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _DropMessages) and f.prefixes == prefixes for f in logger.filters):
+    logger.addFilter(_DropMessages(prefixes))
 
 
 def _scalar(value) -> float:

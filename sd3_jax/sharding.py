@@ -23,18 +23,22 @@ def make_mesh(mesh_shape: Sequence[tuple[str, int]], devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   names = tuple(name for name, _ in mesh_shape)
   if names != MESH_AXES:
-    raise config_lib.ConfigError(f"mesh axes (config key mesh) must be {MESH_AXES}, got {names}")
+    raise config_lib.ConfigError(
+        f"mesh axes (config key mesh) must be {MESH_AXES}, got {names}")
   sizes = [size for _, size in mesh_shape]
   if sizes.count(-1) > 1:
-    raise config_lib.ConfigError(f"at most one mesh axis (config key mesh) may be -1, got {mesh_shape}")
+    raise config_lib.ConfigError(
+        f"at most one mesh axis (config key mesh) may be -1, got {mesh_shape}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise config_lib.ConfigError(f"{len(devices)} devices do not divide into config key mesh= {mesh_shape}")
+      raise config_lib.ConfigError(
+          f"{len(devices)} devices do not divide into config key mesh={mesh_shape}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise config_lib.ConfigError(f"config key mesh={dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"have {len(devices)}")
+    raise config_lib.ConfigError(
+        f"config key mesh={dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
+        f"have {len(devices)}")
   # Auto axes: logical constraints need them (jax.make_mesh defaults to Explicit).
   return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
                        devices=devices)

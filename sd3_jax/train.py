@@ -370,13 +370,13 @@ def _write_parameter_overview(params, path) -> None:
 
 def _check_batch_split(config, mesh) -> None:
   """Batches shard over the data and fsdp axes: each must split evenly."""
-  shards = mesh.shape["data"] * mesh.shape.get("fsdp", 1)
-  for key in ("data.batch_size", "eval.batch_size"):
-    value = config[key.split(".")[0]][key.split(".")[1]]
+  shards = sharding_lib.data_parallel_size(mesh)
+  for key, value in (("data.batch_size", config.data.batch_size),
+                     ("eval.batch_size", config.eval.batch_size)):
     if value % shards:
       raise config_lib.ConfigError(
           f"{key}={value} must be divisible by the {shards} batch shards of the mesh "
-          f"(data x fsdp = {mesh.shape['data']} x {mesh.shape.get('fsdp', 1)})")
+          f"(data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
 
 
 def _latest_stage_dir(run_dir, stages) -> Optional[pathlib.Path]:

@@ -81,6 +81,8 @@ _SCRIPT = textwrap.dedent(f"""
       config.eval.java_scorers = False
       result = evaluate.spatial_eval(model, config, params, model_state, mesh,
                                      jax.random.key(7), workdir)
+      for stage in ("0a", "1"):  # the held-out stage figures, also scored per process
+        result.update(evaluate.stage_metrics(stage, model, config, params, model_state, mesh))
       if jax.process_index() == 0:
         with open(f"{{workdir}}/eval.json", "w") as f:
           json.dump(result, f)
@@ -161,8 +163,11 @@ def _single_process_eval(config, vocab, workdir):
   eval_config = config.copy_and_resolve_references()
   with eval_config.unlocked():
     eval_config.eval.java_scorers = False
-  return evaluate.spatial_eval(model, eval_config, params, model_state, mesh,
-                               jax.random.key(7), workdir)
+  result = evaluate.spatial_eval(model, eval_config, params, model_state, mesh,
+                                 jax.random.key(7), workdir)
+  for stage in ("0a", "1"):
+    result.update(evaluate.stage_metrics(stage, model, eval_config, params, model_state, mesh))
+  return result
 
 
 def test_two_processes_reproduce_one_process_training_and_evaluation(tiny_config, tmp_path):
@@ -213,10 +218,11 @@ def test_two_processes_reproduce_one_process_training_and_evaluation(tiny_config
   assert manager.latest_step() == num_steps
   manager.close()
 
-  # The evaluation: each process scored its rows of the same global batches, gathered
-  # once; it equals one process scoring all of them.
+  # The evaluation (final and held-out stage figures): each process scored its rows of the
+  # same global batches, gathered once; it equals one process scoring all of them.
   got_eval = json.loads((tmp_path / "eval.json").read_text())
   assert got_eval["num_samples"] == want_eval["num_samples"] == config.eval.num_samples
+  assert {"vqvae/recon_mse", "vqvae/codebook_usage", "dgae/edge_f1"} <= set(got_eval)
   for key, value in want_eval.items():
     if isinstance(value, float):
       np.testing.assert_allclose(got_eval[key], value, rtol=1e-5, err_msg=key)

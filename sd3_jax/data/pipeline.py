@@ -205,23 +205,25 @@ class _PaddedShard(grain.RandomAccessDataSource):
     return out
 
 
-def decode_images(encoded: Sequence[bytes], size: int) -> np.ndarray:
-  """PNG/JPEG bytes -> [B, size, size, 3] float32 in [-1, 1].
+def square_rgb(img: Image.Image, size: int) -> np.ndarray:
+  """A PIL image -> uint8 [size, size, 3]: RGB, centre-cropped to a square and resized
+  (bilinear) unless it already has the size."""
+  if img.mode != "RGB":
+    img = img.convert("RGB")
+  if img.size != (size, size):
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+  return np.asarray(img)
 
-  Images of another size are centre-cropped to a square and resized (bilinear); the
-  spatial-scenes images already have the configured size and are only decoded.
-  """
+
+def decode_images(encoded: Sequence[bytes], size: int) -> np.ndarray:
+  """PNG/JPEG bytes -> [B, size, size, 3] float32 in [-1, 1] (`square_rgb` each); the
+  spatial-scenes images already have the configured size and are only decoded."""
   out = np.empty((len(encoded), size, size, 3), np.uint8)
   for i, data in enumerate(encoded):
-    img = Image.open(io.BytesIO(data))
-    if img.mode != "RGB":
-      img = img.convert("RGB")
-    if img.size != (size, size):
-      w, h = img.size
-      side = min(w, h)
-      left, top = (w - side) // 2, (h - side) // 2
-      img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
-    out[i] = np.asarray(img)
+    out[i] = square_rgb(Image.open(io.BytesIO(data)), size)
   # One vectorised affine map for the whole batch.
   return out.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
@@ -307,6 +309,8 @@ def make_dataset(config_like: Any, split: str, *, seed: int, process_index: int 
   meta = builder.info.metadata
   caption_prefixes = list(meta.get("caption_graph_prefixes", []))
   table = example_table(builder, split, spec.caption_style, train)
+  if not train and num_examples is not None:
+    table = table[:num_examples]
   examples = _ExampleSource(source, table, caption_graphs=bool(caption_prefixes),
                             with_references=not train)
   config = builder.builder_config
@@ -321,9 +325,6 @@ def make_dataset(config_like: Any, split: str, *, seed: int, process_index: int 
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.batch(spec.batch_size, drop_remainder=True, batch_fn=collate)
   else:
-    if num_examples is not None:
-      examples = _ExampleSource(source, table[:num_examples], caption_graphs=bool(
-          caption_prefixes), with_references=True)
     ds = grain.MapDataset.source(_PaddedShard(examples, process_index, process_count,
                                               spec.batch_size))
     ds = ds.batch(spec.batch_size, drop_remainder=False, batch_fn=collate)
