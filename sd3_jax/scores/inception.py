@@ -20,7 +20,7 @@ import pathlib
 import pickle
 import struct
 import zipfile
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax
 import flax.linen as nn
@@ -227,13 +227,26 @@ def _rebuild_parameter(data, *unused_args):
   return data
 
 
-class _StateDictUnpickler(pickle.Unpickler):
-  """Rebuilds tensors as numpy arrays; refuses every other global (no code execution)."""
+class _Opaque:
+  """Stands in for any other object of a lenient load (Lightning's callbacks, omegaconf
+  hyper-parameters, ...): it absorbs its arguments and state and runs no code."""
 
-  def __init__(self, file, load_storage, rebuild_tensor=_rebuild_tensor):
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    del state
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+  """Rebuilds tensors as numpy arrays; refuses every other global (no code execution), or
+  with `lenient` replaces it by an inert `_Opaque`."""
+
+  def __init__(self, file, load_storage, rebuild_tensor=_rebuild_tensor, lenient=False):
     super().__init__(file)
     self._load_storage = load_storage
     self._rebuild_tensor = rebuild_tensor
+    self._lenient = lenient
 
   def find_class(self, module, name):
     if module == "collections" and name == "OrderedDict":
@@ -245,6 +258,8 @@ class _StateDictUnpickler(pickle.Unpickler):
       return _rebuild_parameter
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(name)
+    if self._lenient:
+      return _Opaque
     raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a "
                                  "tensor state dict")
 
@@ -255,7 +270,7 @@ class _StateDictUnpickler(pickle.Unpickler):
     return self._load_storage(key, storage_type.dtype)
 
 
-def _load_zip(path: pathlib.Path) -> dict:
+def _load_zip(path: pathlib.Path, lenient: bool = False) -> Any:
   with zipfile.ZipFile(path) as zf:
     names = zf.namelist()
     pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -266,10 +281,11 @@ def _load_zip(path: pathlib.Path) -> dict:
     def load_storage(key, dtype):
       return np.frombuffer(zf.read(f"{prefix}data/{key}"), dtype=dtype)
 
-    return _StateDictUnpickler(io.BytesIO(zf.read(pkl[0])), load_storage).load()
+    return _StateDictUnpickler(io.BytesIO(zf.read(pkl[0])), load_storage,
+                               lenient=lenient).load()
 
 
-def _load_legacy(path: pathlib.Path) -> dict:
+def _load_legacy(path: pathlib.Path, lenient: bool = False) -> Any:
   """torch.save's pre-1.6 stream: magic, version, sys info, the pickle, storage blobs."""
   raw = path.read_bytes()
   f = io.BytesIO(raw)
@@ -289,7 +305,7 @@ def _load_legacy(path: pathlib.Path) -> dict:
     tensors.append((storage, offset, size, stride))
     return ("__tensor__", len(tensors) - 1)
 
-  obj = _StateDictUnpickler(f, load_storage, rebuild).load()
+  obj = _StateDictUnpickler(f, load_storage, rebuild, lenient=lenient).load()
   storages = {}
   for key in pickle.load(f):
     (numel,) = struct.unpack("<q", f.read(8))
@@ -300,9 +316,32 @@ def _load_legacy(path: pathlib.Path) -> dict:
     if isinstance(v, tuple) and len(v) == 2 and v[0] == "__tensor__":
       storage, offset, size, stride = tensors[v[1]]
       return _rebuild_tensor(storages[storage], offset, size, stride)
+    if isinstance(v, Mapping):
+      return {k: resolve(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return type(v)(resolve(x) for x in v)
     return v
 
-  return {k: resolve(v) for k, v in obj.items()}
+  return resolve(obj)
+
+
+def load_torch_object(path: PathLike, lenient: bool = False) -> Any:
+  """Whatever `torch.save` wrote (zip or legacy), tensors as numpy arrays, without torch.
+
+  Only tensors, storages and plain containers are rebuilt; with `lenient` every other
+  object (as in a Lightning `.ckpt`) becomes an inert placeholder, else it is refused.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise schema.DataError("file not found", file=str(path))
+  try:
+    if zipfile.is_zipfile(path):
+      return _load_zip(path, lenient)
+    return _load_legacy(path, lenient)
+  except (pickle.UnpicklingError, EOFError, KeyError, ValueError, struct.error) as e:
+    if isinstance(e, schema.DataError):
+      raise
+    raise schema.DataError(f"cannot read PyTorch file: {e}", file=str(path)) from e
 
 
 def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
@@ -310,21 +349,16 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
   path = pathlib.Path(path)
   if not path.exists():
     raise schema.DataError("weights file not found", file=str(path))
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
   try:
     if path.suffix == ".safetensors":
-      import safetensors.numpy  # pylint: disable=import-outside-toplevel
       return dict(safetensors.numpy.load_file(str(path)))
     if path.suffix == ".npz":
       with np.load(path) as z:
         return {k: z[k] for k in z.files}
-    if zipfile.is_zipfile(path):
-      state = _load_zip(path)
-    else:
-      state = _load_legacy(path)
-  except (pickle.UnpicklingError, EOFError, KeyError, ValueError, struct.error) as e:
-    if isinstance(e, schema.DataError):
-      raise
+  except (KeyError, ValueError, OSError, safetensors.SafetensorError) as e:
     raise schema.DataError(f"cannot read state dict: {e}", file=str(path)) from e
+  state = load_torch_object(path)
   if not isinstance(state, Mapping):
     raise schema.DataError(f"expected a state dict, got {type(state).__name__}",
                            file=str(path))
@@ -360,16 +394,19 @@ def convert_state_dict(
     key_map: Callable[[str, np.ndarray], tuple[str, tuple[str, ...], np.ndarray]] = (
         _torch_to_flax),
     ignored_suffixes: tuple[str, ...] = _IGNORED_SUFFIXES,
-    source: str = "<state dict>") -> dict[str, Any]:
+    source: str = "<state dict>",
+    collections: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """Maps a torch-named state dict onto `module`'s variables, checking keys and shapes.
 
   `key_map(key, array)` gives (collection, Flax path, array in Flax layout) or raises
   KeyError; `init_args` are example inputs for `module.init`. Every model variable must be
   filled and every weight (except `ignored_suffixes` bookkeeping) used; the error lists
-  the missing and unused keys.
+  the missing and unused keys. `collections` limits the check to those variable
+  collections (the others are the caller's).
   """
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *init_args))
   expected = {(col, *path): leaf for col, tree in shapes.items()
+              if collections is None or col in collections
               for path, leaf in flax.traverse_util.flatten_dict(tree).items()}
   out, unused = {}, []
   for key, value in state.items():
