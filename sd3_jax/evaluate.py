@@ -19,6 +19,7 @@ import numpy as np
 
 from sd3_jax import generate
 from sd3_jax import metrics as metrics_lib
+from sd3_jax import pretrained
 from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
 from sd3_jax import visualize
@@ -350,28 +351,23 @@ def image_metrics(real_features: np.ndarray, gen_features: np.ndarray,
 
 
 class HFClip:
-  """A CLIP from a local HF directory (weights, config and tokenizer files) for CLIPScore."""
+  """A CLIP from a local HF directory, or one `sd3_jax.pretrained convert` wrote (weights,
+  config and tokenizer files), for CLIPScore."""
 
   def __init__(self, clip_dir):
-    import transformers  # pylint: disable=import-outside-toplevel
-
-    self.model, variables = clip_lib.load_clip(clip_dir)
-    try:
-      self.tokenizer = transformers.CLIPTokenizerFast.from_pretrained(str(clip_dir))
-    except (OSError, ValueError, TypeError) as e:
-      raise schema.DataError(f"no usable CLIP tokenizer files (vocab.json, merges.txt): {e}",
-                             file=str(clip_dir), field="eval.clip_dir") from e
+    self.model, variables = pretrained.load_clip(clip_dir)
+    self.tokenizer = pretrained.load_tokenizer(clip_dir, "clip", field="eval.clip_dir")
     self.max_len = self.model.text_config["max_position_embeddings"]
-    size = self.model.vision_config["image_size"]
-    self._apply = jax.jit(lambda ids, mask, images: self.model.apply(
-        variables, ids, mask,
-        clip_lib.clip_preprocess(images.astype(jnp.float32) / 255.0, size)))
+    self.image_size = self.model.vision_config["image_size"]
+    self._apply = jax.jit(lambda ids, mask, pixels: self.model.apply(variables, ids, mask,
+                                                                     pixels))
 
   def embed(self, prompts: Sequence[str], images: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """(image embeddings, text embeddings) of uint8 images [B, H, W, 3] and B prompts."""
     tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                          max_length=self.max_len, return_tensors="np")
-    return self._apply(tok["input_ids"], tok["attention_mask"], images)
+    return self._apply(tok["input_ids"], tok["attention_mask"],
+                       clip_lib.clip_preprocess(images, self.image_size))
 
 
 class _ImageScorers:

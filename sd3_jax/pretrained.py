@@ -349,16 +349,24 @@ def load(directory: PathLike, kind: Optional[str] = None,
   return Pretrained(kind, module, variables, directory)
 
 
-def load_tokenizer(directory: PathLike, kind: str):
+def load_clip(directory: PathLike) -> tuple[clip_model.FlaxCLIP, dict]:
+  """A CLIP from a HF directory or one written by `convert`."""
+  if (pathlib.Path(directory) / MANIFEST).exists():
+    pre = load(directory, "clip")
+    return pre.module, pre.variables
+  return clip_from_hf(directory)
+
+
+def load_tokenizer(directory: PathLike, kind: str, field: Optional[str] = None):
   """The HF fast tokenizer (CLIP or GPT-2 BPE) from a HF or converted directory."""
   import transformers  # pylint: disable=import-outside-toplevel
 
   cls = {"clip": transformers.CLIPTokenizerFast, "gpt2": transformers.GPT2TokenizerFast}[kind]
   try:
     return cls.from_pretrained(str(directory))
-  except (OSError, ValueError, TypeError) as e:
+  except Exception as e:  # pylint: disable=broad-except  # tokenizers raises bare Exception
     raise schema.DataError(f"no usable {kind} tokenizer files (vocab.json, merges.txt): {e}",
-                           file=str(directory)) from e
+                           file=str(directory), field=field) from e
 
 
 # --- Parity against the reference implementations -----------------------------------------

@@ -20,6 +20,7 @@ from sd3_jax.data import scenes
 from sd3_jax.data import schema
 from sd3_jax.data import stage as data_stage
 from sd3_jax.data import vsd
+from sd3_jax.models import clip as clip_model
 from sd3_jax.models import sd3 as sd3_lib
 from sd3_jax.scores import clip_score as clip_lib
 
@@ -219,7 +220,7 @@ def _tiny_clip_dir(path):
                          num_attention_heads=2, image_size=16, patch_size=8),
       projection_dim=8)
   config.save_pretrained(str(path))
-  model = clip_lib.model_from_config(config.to_dict())
+  model = clip_model.model_from_config(config.to_dict())
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), None,
                          jnp.zeros((1, 16, 16, 3)))
   flat = flax.traverse_util.flatten_dict(variables["params"])
@@ -239,9 +240,9 @@ def test_hf_clip_tokenises_pads_and_preprocesses(tmp_path):
   assert image_emb.shape == text_emb.shape == (2, 8)
   ids = np.array([[59, 27, 55, 58] + [60] * 8])  # <start> a red cube <end>, padded to 12
   mask = np.arange(12)[None] < 5
-  want_text = model.apply(variables, ids, mask, method=clip_lib.FlaxCLIP.encode_text)
-  want_image = model.apply(variables, clip_lib.clip_preprocess(images / 255.0, 16),
-                           method=clip_lib.FlaxCLIP.encode_image)
+  want_text = model.apply(variables, ids, mask, method=clip_model.FlaxCLIP.encode_text)
+  want_image = model.apply(variables, clip_lib.clip_preprocess(images, 16),
+                           method=clip_model.FlaxCLIP.encode_image)
   np.testing.assert_allclose(text_emb[0], want_text[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(image_emb, want_image, rtol=1e-5, atol=1e-6)
   (tmp_path / "vocab.json").unlink()

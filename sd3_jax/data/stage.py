@@ -57,7 +57,8 @@ def check_local_inputs(config) -> None:
     if value and not pathlib.Path(value).exists():
       missing.append(f"{value} ({key}: {what})")
   clip_dir = config.eval.get("clip_dir")
-  if clip_dir and pathlib.Path(clip_dir).is_dir():
+  converted = clip_dir and (pathlib.Path(clip_dir) / "pretrained.json").exists()
+  if clip_dir and pathlib.Path(clip_dir).is_dir() and not converted:
     for name in ("config.json", "model.safetensors"):
       if not (pathlib.Path(clip_dir) / name).exists():
         missing.append(f"{pathlib.Path(clip_dir) / name} (eval.clip_dir: a HF CLIP directory "

@@ -7,6 +7,7 @@ import pytest
 import safetensors.numpy
 import transformers
 
+from sd3_jax import pretrained
 from sd3_jax.data.schema import DataError
 from sd3_jax.models import encoders
 from sd3_jax.scores import clip_score
@@ -151,7 +152,7 @@ def _inputs(eos):
 @pytest.mark.parametrize("eos", [2, 45])
 def test_flax_clip_matches_numpy_reference(clip_dir, eos):
   d, sd = clip_dir(eos)
-  model, variables = clip_score.load_clip(d)
+  model, variables = pretrained.load_clip(d)
   ids, mask, pixels = _inputs(eos)
   image, text = jax.jit(model.apply)(variables, ids, mask, pixels)
   ref_image, ref_text = _np_clip(sd, ids, pixels.transpose(0, 3, 1, 2), eos)
@@ -165,7 +166,7 @@ def test_flax_clip_matches_numpy_reference(clip_dir, eos):
 
 def test_every_clip_weight_is_used(clip_dir):
   d, sd = clip_dir(2)
-  model, variables = clip_score.load_clip(d)
+  model, variables = pretrained.load_clip(d)
   ids, mask, pixels = _inputs(2)
 
   def loss(v):
@@ -182,13 +183,13 @@ def test_every_clip_weight_is_used(clip_dir):
 def test_load_clip_errors(clip_dir, tmp_path):
   d, sd = clip_dir(2)
   with pytest.raises(DataError, match="config.json"):
-    clip_score.load_clip(tmp_path / "missing")
+    pretrained.load_clip(tmp_path / "missing")
   del sd["visual_projection.weight"]
   sd["text_model.extra.weight"] = np.zeros(2, np.float32)
   safetensors.numpy.save_file(sd, str(d / "model.safetensors"))
   with pytest.raises(DataError, match=r"missing \['params.visual_projection.kernel'\].*"
                      r"unused \['text_model.extra.weight'\]"):
-    clip_score.load_clip(d)
+    pretrained.load_clip(d)
 
 
 def test_clip_score_formula():
@@ -204,9 +205,9 @@ def test_clip_score_formula():
 
 def test_hf_clip_score_end_to_end(clip_dir):
   d, sd = clip_dir(2)
-  model, variables = clip_score.load_clip(d)
+  model, variables = pretrained.load_clip(d)
   ids, mask, _ = _inputs(2)
-  raw = np.random.default_rng(0).uniform(size=(3, 20, 24, 3))
+  raw = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
   pixels = clip_score.clip_preprocess(raw, image_size=IMG)
   assert pixels.shape == (3, IMG, IMG, 3)
   got = clip_score.hf_clip_score(model, variables, ids, mask, pixels)
@@ -218,9 +219,9 @@ def test_hf_clip_score_end_to_end(clip_dir):
 
 
 def test_clip_preprocess_normalisation():
-  grey = np.full((1, 32, 48, 3), 0.5)
+  grey = np.full((1, 32, 48, 3), 128, np.uint8)
   out = np.asarray(clip_score.clip_preprocess(grey, image_size=16))
-  want = (0.5 - np.array(clip_score.CLIP_MEAN)) / np.array(clip_score.CLIP_STD)
+  want = (128 / 255 - np.array(clip_score.CLIP_MEAN)) / np.array(clip_score.CLIP_STD)
   np.testing.assert_allclose(out, np.broadcast_to(want, (1, 16, 16, 3)), atol=1e-5)
 
 

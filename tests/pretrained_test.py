@@ -1,0 +1,306 @@
+"""Pretrained parts: conversion from the standard files, parity with the reference
+implementations (small random models made here, several configs a kind), tokenizers, and
+the clear errors. The parity tests need the `parity` extra (torch) and taming's modules;
+they skip without them."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import flax
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from sd3_jax import pretrained
+from sd3_jax.data.schema import DataError
+from sd3_jax.scores import clip_score
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+CLIP_CONFIGS = [
+    # legacy eos id 2: pooled at the highest id
+    dict(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37,
+                          num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=16, eos_token_id=2),
+         vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                            num_attention_heads=3, image_size=32, patch_size=8),
+         projection_dim=16),
+    # explicit eos id, GELU, one layer, non-square patch grid count
+    dict(text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=24,
+                          num_hidden_layers=1, num_attention_heads=2,
+                          max_position_embeddings=20, hidden_act="gelu", eos_token_id=63),
+         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                            num_attention_heads=4, image_size=24, patch_size=6,
+                            hidden_act="gelu"),
+         projection_dim=8),
+    dict(text_config=dict(vocab_size=120, hidden_size=48, intermediate_size=64,
+                          num_hidden_layers=3, num_attention_heads=6,
+                          max_position_embeddings=12, layer_norm_eps=1e-6),
+         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=2, image_size=16, patch_size=4,
+                            layer_norm_eps=1e-6),
+         projection_dim=24),
+]
+GPT2_CONFIGS = [
+    dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4),
+    dict(vocab_size=77, n_positions=24, n_embd=24, n_layer=3, n_head=2, n_inner=40,
+         activation_function="gelu", scale_attn_by_inverse_layer_idx=True),
+    dict(vocab_size=50, n_positions=20, n_embd=16, n_layer=1, n_head=4,
+         activation_function="relu", scale_attn_weights=False, layer_norm_epsilon=1e-6),
+]
+# taming ddconfig (z_channels = embed_dim, as GumbelVQ needs), n_embed, remapped ids
+VQGAN_CONFIGS = [
+    (dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[8], resolution=16,
+          z_channels=32), 64, 20),
+    (dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, attn_resolutions=[4], resolution=16,
+          z_channels=64), 48, 0),
+    (dict(ch=64, ch_mult=(1, 2, 2, 1), num_res_blocks=1, attn_resolutions=[], resolution=32,
+          z_channels=32), 100, 37),
+]
+
+
+def _torch():
+  torch = pytest.importorskip("torch", reason="parity extra (torch) not installed")
+  pytest.importorskip("transformers")
+  return torch
+
+
+def _hf_dir(tmp_path, kind, config, seed=0):
+  torch = _torch()
+  import transformers  # pylint: disable=import-outside-toplevel
+  transformers.utils.logging.set_verbosity_error()
+  torch.manual_seed(seed)
+  if kind == "clip":
+    model = transformers.CLIPModel(transformers.CLIPConfig(**config))
+  else:
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+  d = tmp_path / f"{kind}_hf"
+  model.save_pretrained(str(d))
+  return d
+
+
+def _taming_ckpt(tmp_path, dd, n_embed, kept, seed=0):
+  torch = _torch()
+  tm = pytest.importorskip("taming.modules.diffusionmodules.model",
+                           reason="taming-transformers not installed")
+  from taming.modules.vqvae import quantize as tq  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(seed)
+  full = dict(dd, out_ch=3, in_channels=3, dropout=0.0, double_z=False)
+  net = torch.nn.Module()
+  net.encoder, net.decoder = tm.Encoder(**full), tm.Decoder(**full)
+  z = dd["z_channels"]
+  net.quant_conv, net.post_quant_conv = torch.nn.Conv2d(z, z, 1), torch.nn.Conv2d(z, z, 1)
+  net.quantize = tq.GumbelQuantize(z, z, n_embed)
+  net.loss = torch.nn.Linear(3, 3)  # the training loss' weights ride along in a real ckpt
+  ckpt = tmp_path / "last.ckpt"
+  torch.save({"state_dict": net.state_dict(), "epoch": 7, "global_step": 1234,
+              "optimizer_states": [{"lr": 1e-4}]}, str(ckpt))
+  mapping = None
+  if kept:
+    table = torch.randint(0, kept, (n_embed,))
+    table[:kept] = torch.arange(kept)  # every kept id has a code
+    mapping = tmp_path / "remap.pt"
+    torch.save(table, str(mapping))
+  return ckpt, mapping, net
+
+
+def _assert_parity(result):
+  assert result["ok"], result
+  assert all(v <= 1e-4 for v in result["max_diff"].values()), result
+
+
+@pytest.mark.parametrize("config", CLIP_CONFIGS, ids=["legacy_eos", "gelu_eos", "wide"])
+def test_clip_parity(tmp_path, config):
+  _assert_parity(pretrained.check("clip", _hf_dir(tmp_path, "clip", config)))
+
+
+@pytest.mark.parametrize("config", GPT2_CONFIGS, ids=["base", "inner_gelu_invscale", "relu"])
+def test_gpt2_parity(tmp_path, config):
+  result = pretrained.check("gpt2", _hf_dir(tmp_path, "gpt2", config))
+  _assert_parity(result)
+  assert set(result["max_diff"]) == {"logits_relative", "hidden", "prefix_logits_relative"}
+
+
+@pytest.mark.parametrize("dd,n_embed,kept", VQGAN_CONFIGS, ids=["remap", "deep", "no_attn"])
+def test_vqgan_parity(tmp_path, dd, n_embed, kept):
+  ckpt, mapping, _ = _taming_ckpt(tmp_path, dd, n_embed, kept)
+  result = pretrained.check("vqgan", ckpt, mapping)
+  _assert_parity(result)
+  assert result["max_diff"]["tokens_mismatch"] == 0.0
+
+
+def test_vqgan_architecture_read_off_the_checkpoint(tmp_path):
+  ckpt, mapping, _ = _taming_ckpt(tmp_path, *VQGAN_CONFIGS[0])
+  out = pretrained.convert("vqgan", ckpt, tmp_path / "out", mapping)
+  pre = pretrained.load(out, "vqgan")
+  m = pre.module
+  assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_levels)) == (32, (1, 2), 1,
+                                                                              (1,))
+  assert (m.n_embed, m.num_codes, m.downsample_factor) == (64, 20, 2)
+  images = np.random.default_rng(0).uniform(-1, 1, (1, 8, 8, 3)).astype(np.float32)
+  tokens = m.apply(pre.variables, images, method=m.encode)
+  assert tokens.shape == (1, 4, 4) and int(tokens.max()) < 20
+  assert m.apply(pre.variables, tokens, method=m.decode_indices).shape == (1, 8, 8, 3)
+
+
+def test_torch_free_reader_matches_torch_load(tmp_path):
+  torch = _torch()
+  ckpt, mapping, net = _taming_ckpt(tmp_path, *VQGAN_CONFIGS[0])
+  state = pretrained.read_taming_checkpoint(ckpt)
+  want = {k: v.numpy() for k, v in net.state_dict().items() if not k.startswith("loss.")}
+  assert set(state) == set(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(state[k], v)
+  np.testing.assert_array_equal(pretrained.read_remapping(mapping, 64),
+                                torch.load(str(mapping)).numpy())
+
+
+def test_check_cli_prints_one_json_line(tmp_path):
+  d = _hf_dir(tmp_path, "gpt2", GPT2_CONFIGS[2])
+  proc = subprocess.run([sys.executable, "-m", "sd3_jax.pretrained", "check", "--kind=gpt2",
+                         f"--src={d}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1
+  assert json.loads(lines[0])["ok"] is True
+  # An impossible tolerance fails the check.
+  proc = subprocess.run([sys.executable, "-m", "sd3_jax.pretrained", "check", "--kind=gpt2",
+                         f"--src={d}", "--tolerance=0"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1 and json.loads(proc.stdout)["ok"] is False
+
+
+# --- Tokenizers (no torch) --------------------------------------------------------------------
+
+
+def _byte_chars():
+  """GPT-2's reversible byte -> printable character table."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return [chr(c) for c in cs]
+
+
+def _write_bpe(d, vocab_tokens, merges):
+  d.mkdir(parents=True, exist_ok=True)
+  (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_tokens)}))
+  (d / "merges.txt").write_text("".join(f"{m}\n" for m in ["#version: 0.2", *merges]))
+  return d
+
+
+@pytest.mark.parametrize("kind", ["clip", "gpt2"])
+def test_tokenizer_round_trip(tmp_path, kind):
+  chars = _byte_chars()
+  if kind == "clip":
+    merges = ["r e", "re d</w>", "c u", "cu b"]
+    tokens = chars + [c + "</w>" for c in chars] + ["re", "red</w>", "cu", "cub",
+                                                   "<|startoftext|>", "<|endoftext|>"]
+  else:
+    merges = ["r e", "re d", "Ġ red"]
+    tokens = chars + ["re", "red", "Ġred", "<|endoftext|>"]
+  d = _write_bpe(tmp_path / "tok", tokens, merges)
+  tok = pretrained.load_tokenizer(d, kind)
+  text = "a red cube is left of the red sphere"
+  ids = tok(text)["input_ids"]
+  assert tok.decode(ids, skip_special_tokens=True).strip() == text
+  merged = "red</w>" if kind == "clip" else "Ġred"
+  assert tokens.index(merged) in ids  # the merges were applied
+
+
+def test_tokenizer_files_travel_with_the_conversion(tmp_path):
+  d = _hf_dir(tmp_path, "gpt2", GPT2_CONFIGS[0])
+  _write_bpe(d, _byte_chars() + ["<|endoftext|>"], [])
+  out = pretrained.convert("gpt2", d, tmp_path / "out")
+  pre = pretrained.load(out)
+  assert pre.tokenizer().decode(pre.tokenizer()("left of")["input_ids"]) == "left of"
+
+
+# --- CLIP preprocessing (no torch) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,size", [((64, 64), 224), ((100, 150), 224), ((150, 97), 32),
+                                        ((31, 40), 16)])
+def test_clip_preprocess_equals_the_reference_processor(shape, size):
+  transformers = pytest.importorskip("transformers")
+  images = np.random.default_rng(0).integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+  proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": size},
+                                            crop_size={"height": size, "width": size})
+  want = proc(list(images), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+  got = clip_score.clip_preprocess(images, size)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# --- Clear errors -------------------------------------------------------------------------------
+
+
+def test_missing_files_name_the_file(tmp_path):
+  with pytest.raises(DataError, match="not a directory"):
+    pretrained.check("clip", tmp_path / "nope")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError, match="model.safetensors"):
+    pretrained.convert("gpt2", tmp_path / "empty", tmp_path / "out")
+  with pytest.raises(DataError, match="file not found"):
+    pretrained.convert("vqgan", tmp_path / "last.ckpt", tmp_path / "out")
+  with pytest.raises(DataError, match="pretrained.json"):
+    pretrained.load(tmp_path / "empty")
+
+
+def test_mismatched_tensor_names_tensor_and_expected_shape(tmp_path):
+  d = tmp_path / "gpt2"
+  d.mkdir()
+  cfg = GPT2_CONFIGS[2]
+  (d / "config.json").write_text(json.dumps(cfg))
+  module = pretrained.gpt2_model_from_config(cfg)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, 4), int)))
+  state = {}
+  for path, leaf in flax.traverse_util.flatten_dict(shapes["params"]).items():
+    name = ".".join(p.replace("h_", "h.") for p in path[:-1])
+    leaf_name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(path[-1],
+                                                                                  path[-1])
+    state[f"transformer.{name}.{leaf_name}"] = np.zeros(leaf.shape, np.float32)
+  state["transformer.wpe.weight"] = np.zeros((7, 16), np.float32)
+  safetensors.numpy.save_file(state, str(d / "model.safetensors"))
+  with pytest.raises(DataError, match=r"transformer\.wpe\.weight.*\(7, 16\).*\(20, 16\)"):
+    pretrained.convert("gpt2", d, tmp_path / "out")
+  del state["transformer.wpe.weight"]
+  safetensors.numpy.save_file(state, str(d / "model.safetensors"))
+  with pytest.raises(DataError, match=r"missing \['params.wpe.embedding'\]"):
+    pretrained.convert("gpt2", d, tmp_path / "out")
+
+
+def test_taming_checkpoint_errors(tmp_path):
+  ckpt, _, _ = _taming_ckpt(tmp_path, *VQGAN_CONFIGS[0])
+  state = pretrained.read_taming_checkpoint(ckpt)
+  del state["quant_conv.weight"]
+  with pytest.raises(DataError, match="field 'quant_conv.weight'"):
+    pretrained.vqgan_config_from_state(state, str(ckpt))
+  bad = tmp_path / "bad_remap.npy"
+  np.save(bad, np.zeros(10, np.int64))
+  with pytest.raises(DataError, match="64 codes"):
+    pretrained.convert("vqgan", ckpt, tmp_path / "out", bad)
+  with pytest.raises(DataError, match="kind vqgan"):
+    pretrained.convert("clip", ckpt, tmp_path / "out", bad)
+
+
+def test_load_checks_the_kind(tmp_path):
+  d = _hf_dir(tmp_path, "gpt2", GPT2_CONFIGS[2])
+  out = pretrained.convert("gpt2", d, tmp_path / "out")
+  with pytest.raises(DataError, match="holds a 'gpt2' model, not 'clip'"):
+    pretrained.load(out, "clip")
+
+
+def test_cli_user_error_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "sd3_jax.pretrained", "convert", "--kind=clip",
+                         f"--src={tmp_path}/nope", f"--out={tmp_path}/out"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "Traceback" not in proc.stderr
