@@ -80,6 +80,11 @@ def get_config(arg=None):
       ema_decay=0.99, dead_code_steps=50, object_weight=20.0, l1_weight=1.0))
   model.clip = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4,
                                               patch_size=8, embed_dim=128))
+  # Pretrained parts (directories written by `python -m sd3_jax.pretrained convert`): the
+  # VQGAN replaces the VQ-VAE (stage 0a is skipped), a CLIP the stage-0b encoders (frozen;
+  # data.tokenizer must then be the same CLIP directory). None: trained in the project.
+  model.vqvae.pretrained = ml_collections.config_dict.placeholder(str)
+  model.clip.pretrained = ml_collections.config_dict.placeholder(str)
   # slot_positions: the decoder knows each node's slot in the canonical graph order.
   model.dgae = ml_collections.ConfigDict(dict(width=64, encoder_layers=3, decoder_layers=2,
                                               num_heads=4, pair_width=64,

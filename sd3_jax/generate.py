@@ -365,7 +365,7 @@ class Generator:
                              field="variant")
     sample = jax.jit(lambda p, b, k: graph_3d(
         self.model, p, self.model.graph_codes(p, sd3_lib.graph_of(b, "tsg")),
-        jnp.zeros((num, self.config.model.clip.embed_dim)), k,
+        jnp.zeros((num, self.model.clip.pooled_dim)), k,
         num_steps=self.config.eval.sampling_steps, sampler=self.config.eval.graph_sampler))
     out = []
     for i, graph in enumerate(graphs_2d):

@@ -321,14 +321,30 @@ def convert(kind: str, src: PathLike, out: PathLike,
   return out
 
 
+def _manifest(directory: pathlib.Path, kind: Optional[str], field: Optional[str]) -> dict:
+  manifest = _read_json(directory / MANIFEST)
+  if manifest.get("kind") not in KINDS:
+    raise schema.DataError(f"unknown kind {manifest.get('kind')!r}", file=str(directory / MANIFEST),
+                           field=field)
+  if kind is not None and manifest["kind"] != kind:
+    raise schema.DataError(f"holds a {manifest['kind']!r} model, not {kind!r}",
+                           file=str(directory / MANIFEST), field=field or "kind")
+  return manifest
+
+
+def module_of(directory: PathLike, kind: str, field: Optional[str] = None,
+              dtype: Any = jnp.float32) -> nn.Module:
+  """The (unbound) module a converted directory holds, without reading its weights;
+  `field` is the config key that named the directory, for errors."""
+  return _module_from_config(kind, _manifest(pathlib.Path(directory), kind, field)["config"],
+                             dtype)
+
+
 def load(directory: PathLike, kind: Optional[str] = None,
-         dtype: Any = jnp.float32) -> Pretrained:
+         dtype: Any = jnp.float32, field: Optional[str] = None) -> Pretrained:
   """A directory written by `convert` -> `Pretrained`; `kind` checks what it holds."""
   directory = pathlib.Path(directory)
-  manifest = _read_json(directory / MANIFEST)
-  if kind is not None and manifest.get("kind") != kind:
-    raise schema.DataError(f"holds a {manifest.get('kind')!r} model, not {kind!r}",
-                           file=str(directory / MANIFEST), field="kind")
+  manifest = _manifest(directory, kind, field)
   kind = manifest["kind"]
   module = _module_from_config(kind, manifest["config"], dtype)
   target = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_init_args(kind, module)))

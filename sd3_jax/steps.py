@@ -46,8 +46,15 @@ def variant_flags(variant: str) -> dict:
           "mutual": variant == "sd3"}
 
 
+def pretrained_part(config, network: str) -> bool:
+  """Whether `model.<network>.pretrained` names converted weights (`sd3_jax.pretrained`)."""
+  section = config.model.get(network)
+  return bool(section is not None and section.get("pretrained"))
+
+
 def stages_to_run(config) -> list[str]:
-  """`config.stages` ('0,1,2,3,4') expanded, minus the graph stages a variant has no use for."""
+  """`config.stages` ('0,1,2,3,4') expanded, minus the graph stages a variant has no use for
+  and stage 0a when the image tokenizer is pretrained (VQ-Diffusion's VQGAN)."""
   wanted = []
   for item in str(config.stages).split(","):
     item = item.strip()
@@ -59,15 +66,20 @@ def stages_to_run(config) -> list[str]:
       raise ValueError(f"unknown stage {item!r} in config.stages; use 0-4 (or 0a/0b)")
   if not variant_flags(config.variant)["graph"]:
     wanted = [s for s in wanted if s not in ("1", "2", "3")]
+  if pretrained_part(config, "vqvae"):
+    wanted = [s for s in wanted if s != "0a"]
   return wanted
 
 
 def trainable_networks(stage: str, config=None) -> tuple[str, ...]:
   """The networks a stage trains: `TRAINABLE`, plus the condition encoders in stage 4 with
-  `stage4.train_encoders` (they then learn what the chains need, not only retrieval)."""
+  `stage4.train_encoders` (they then learn what the chains need, not only retrieval); a
+  pretrained CLIP is never trained (the paper freezes it)."""
   names = TRAINABLE[stage]
   if stage == "4" and config is not None and config.stage4.get("train_encoders", False):
     names = names + ("clip",)
+  if config is not None and pretrained_part(config, "clip"):
+    names = tuple(n for n in names if n != "clip")  # the paper's CLIP stays frozen
   return names
 
 
@@ -98,10 +110,15 @@ def loss_0a(model: sd3_lib.SD3, config, params, model_state, batch, rng):
 def loss_0b(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   del rng
   ids, mask = batch["text_ids"], batch["text_mask"]
-  text_tokens, text_emb, image_tokens, image_emb, scale = model.clip.apply(
-      {"params": params["clip"]}, ids, mask, batch["image"])
-  del text_tokens, image_tokens
-  clip = encoders.clip_loss(text_emb, image_emb, scale)
+  if pretrained_part(config, "clip"):  # frozen: only its retrieval is reported
+    text_emb = model.text_condition(params, ids, mask)[1]
+    image_emb = model.image_condition(params, batch["image"])[1]
+    clip = jnp.zeros(())
+  else:
+    text_tokens, text_emb, image_tokens, image_emb, scale = model.clip.apply(
+        {"params": params["clip"]}, ids, mask, batch["image"])
+    del text_tokens, image_tokens
+    clip = encoders.clip_loss(text_emb, image_emb, scale)
   t2i, i2t = encoders.retrieval_accuracy(text_emb, image_emb)
   text_nll = model.text_prior.next_token_loss(params["text_prior"], ids, mask)
   z_i = jax.lax.stop_gradient(model.image_tokens(params, model_state, batch["image"]))

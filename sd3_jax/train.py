@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 
 from clu import metrics as clu_metrics
@@ -237,6 +238,13 @@ def init_model(model, config, mesh, batch, rng):
   shardings = sharding_lib.logical_to_sharding(abstract, mesh, axis_rules)
   init = jax.jit(lambda r, b: nn.meta.unbox(model.init(r, b)), out_shardings=shardings)
   params, model_state = init(rng, batch)
+  loaded_params, loaded_state = model.pretrained_weights()
+  if loaded_params or loaded_state:  # model.*.pretrained: in place of the fresh weights
+    put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)  # noqa: E731
+    params = dict(params, **{k: jax.tree.map(put, v, params[k])
+                             for k, v in loaded_params.items()})
+    model_state = dict(model_state, **{k: jax.tree.map(put, v, model_state[k])
+                                       for k, v in loaded_state.items()})
   return params, model_state, abstract
 
 
@@ -280,6 +288,9 @@ def run(config, workdir) -> dict:
   writer = metrics_lib.MetricWriter(workdir, enabled=lead)
   first = sharding_lib.to_global(next(iter(_batches(config, "init"))), mesh)
   params, model_state, abstract = init_model(model, config, mesh, first, rng)
+  for key in ("vqvae", "clip"):
+    if steps.pretrained_part(config, key):
+      metrics_lib.say(f"[train] {key}: pretrained, frozen ({config.model[key].pretrained})")
   if weights_dir is not None:
     restored = checkpointing.restore_weights(weights_dir, checkpointing.abstract(
         {"params": params, "model_state": model_state}))
@@ -298,8 +309,8 @@ def run(config, workdir) -> dict:
     optim = _stage_optim(config, stage)
     tx = train_state.make_optimizer(optim, steps.trainable_mask(stage, config))
     if stage == "2":  # G_V starts from the trained VQ decoder (eq. 5)
-      params = dict(params, g_v=aligned_decoders.load_vq_decoder(params["g_v"],
-                                                                 params["vqvae"]))
+      params = dict(params, g_v=aligned_decoders.load_vq_decoder(
+          params["g_v"], params["vqvae"], model.vqvae))
     state, state_sharding = make_state(config, mesh, tx, params, model_state, abstract)
     hooks = []
     if stage == "4" and config.mode == "train" and config.data.name == "spatial_scenes":

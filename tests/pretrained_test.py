@@ -304,3 +304,80 @@ def test_cli_user_error_is_one_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "Traceback" not in proc.stderr
+
+
+# --- The VSD config with the pretrained parts ---------------------------------------------------
+
+
+def test_vsd_trains_with_pretrained_vqgan_and_clip(tmp_path):
+  """model.vqvae.pretrained and model.clip.pretrained end to end: stage 0a is skipped, the
+  VQGAN tokenizes (its 40 kept codes are the image vocabulary), the CLIP reads the text
+  chain's ids (data.tokenizer is the CLIP directory), and both stay frozen in every stage."""
+  torch = _torch()
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  chars = _byte_chars()
+  hf = _write_bpe(tmp_path / "clip_hf", chars + [c + "</w>" for c in chars]
+                  + ["<|startoftext|>", "<|endoftext|>"], [])
+  vocab = len(pretrained.load_tokenizer(hf, "clip"))
+  torch.manual_seed(0)
+  transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                       bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+      vision_config=dict(hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=16, patch_size=8),
+      projection_dim=8)).save_pretrained(str(hf))
+  clip_dir = pretrained.convert("clip", hf, tmp_path / "clip")
+  dd = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=[8], resolution=32,
+            z_channels=8)  # f = 4: 8x8 tokens on the tiny config's 32x32 images
+  ckpt, mapping, _ = _taming_ckpt(tmp_path, dd, 64, 40)
+  vq_dir = pretrained.convert("vqgan", ckpt, tmp_path / "vqgan", mapping)
+  work = tmp_path / "run"
+  run = subprocess.run(
+      [sys.executable, "-m", "sd3_jax.main", "--config=experiments/vsdv1.py:tiny",
+       f"--workdir={work}", f"--config.data.vsd_root={ROOT / 'tests' / 'testdata' / 'vsd'}",
+       f"--config.data.tokenizer={clip_dir}", f"--config.model.vqvae.pretrained={vq_dir}",
+       f"--config.model.clip.pretrained={clip_dir}", "--config.stages=0,2,4"],
+      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "stages 0b, 2, 4" in run.stdout and "[stage0a]" not in run.stdout
+  assert "vqvae: pretrained, frozen" in run.stdout and "clip: pretrained, frozen" in run.stdout
+  assert "image_prior_nll" in run.stdout
+  saved = ocp.PyTreeCheckpointer().restore(str(work / "checkpoints" / "stage4" / "3" / "state"))
+  for net, d in (("vqvae", vq_dir), ("clip", clip_dir)):
+    want = jax.tree.leaves(pretrained.load(d).variables["params"])
+    for key in ("params", "ema_params"):
+      got = jax.tree.leaves(saved[key][net])
+      assert len(got) == len(want)
+      for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(saved["model_state"]["remap"]["full_to_quantize"],
+                                torch.load(str(mapping)).numpy())
+
+
+def test_pretrained_clip_needs_the_clip_tokenizer(tmp_path):
+  """A CLIP over another vocabulary than the text chain's is one clear error."""
+  from sd3_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from sd3_jax.models import sd3 as sd3_lib  # pylint: disable=import-outside-toplevel
+  out = pretrained.convert("clip", _hf_dir(tmp_path, "clip", CLIP_CONFIGS[0]), tmp_path / "c")
+  config = config_lib.load_config(ROOT / "experiments" / "vsdv1.py", "tiny")
+  config.model.clip.pretrained = str(out)
+  with pytest.raises(ValueError, match="set data.tokenizer to the CLIP directory"):
+    sd3_lib.SD3(config, text_vocab_size=500, graph_vocab_size=10)
+  config.data.max_text_len = 40
+  with pytest.raises(ValueError, match="exceeds CLIP's 16 positions"):
+    sd3_lib.SD3(config, text_vocab_size=99, graph_vocab_size=10)
+
+
+def test_missing_pretrained_directory_names_its_key(tmp_path):
+  from sd3_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from sd3_jax.data import stage  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config(ROOT / "experiments" / "spatial_scenes.py", "tiny")
+  config.model.vqvae.pretrained = str(tmp_path / "vqgan")
+  (tmp_path / "clip").mkdir()
+  config.model.clip.pretrained = str(tmp_path / "clip")
+  with pytest.raises(FileNotFoundError) as e:
+    stage.check_local_inputs(config)
+  assert f"{tmp_path / 'vqgan'} (model.vqvae.pretrained" in str(e.value)
+  assert f"{tmp_path / 'clip' / 'pretrained.json'} (model.clip.pretrained" in str(e.value)

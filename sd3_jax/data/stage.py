@@ -29,7 +29,11 @@ def prepare(config) -> dict:
 # Optional local files a config may name: (config key, what it is).
 _LOCAL_PATHS = (("data.tokenizer", "a tokenizer directory (tokenizer.json or CLIP vocab/merges)"),
                 ("eval.inception_weights", "the FID InceptionV3 weights file (pt_inception-*.pth)"),
-                ("eval.clip_dir", "a CLIP model directory (config.json + model.safetensors)"))
+                ("eval.clip_dir", "a CLIP model directory (config.json + model.safetensors)"),
+                ("model.vqvae.pretrained", "VQ-Diffusion's VQGAN, converted by `python -m "
+                 "sd3_jax.pretrained convert --kind vqgan`"),
+                ("model.clip.pretrained", "a CLIP, converted by `python -m sd3_jax.pretrained "
+                 "convert --kind clip`"))
 
 
 def check_local_inputs(config) -> None:
@@ -52,10 +56,16 @@ def check_local_inputs(config) -> None:
         missing.append(f"{pathlib.Path(root) / 'images'}/vg or /spatialsense (VSD images; "
                        f"data.vsd_root={root})")
   for key, what in _LOCAL_PATHS:
-    section, name = key.split(".")
-    value = config[section].get(name)
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      node = node.get(section) if node is not None else None
+    value = node.get(name) if node is not None else None
     if value and not pathlib.Path(value).exists():
       missing.append(f"{value} ({key}: {what})")
+    elif value and key.startswith("model.") and not (pathlib.Path(value) /
+                                                      "pretrained.json").exists():
+      missing.append(f"{pathlib.Path(value) / 'pretrained.json'} ({key}: {what})")
   clip_dir = config.eval.get("clip_dir")
   converted = clip_dir and (pathlib.Path(clip_dir) / "pretrained.json").exists()
   if clip_dir and pathlib.Path(clip_dir).is_dir() and not converted:

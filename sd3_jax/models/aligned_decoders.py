@@ -8,11 +8,12 @@
 ẑ^G the 3DSG node latents [B, N, dg]. The graph latents are first brought to the code
 width d by one Dense (the paper's vectors must share a dimension for the dot product);
 padding nodes get no attention. A 1×1 conv adapter maps the 2d channels back to d, and
-the VQ-VAE's own `Decoder` turns them into pixels.
+a copy of the image tokenizer's decoder (`decoder_module`: the VQ-VAE's `Decoder`, or the
+pretrained VQGAN's post-quant conv + decoder) turns them into pixels.
 
-Parameters: `adapter` (graph projection + 1×1 conv) and `decoder` (exactly the VQ-VAE's
-`Decoder` subtree, so `load_vq_decoder` copies a trained VQ-VAE's decoder in and optax
-masks can train the adapter alone or both). The text decoder G_T is `lm.CausalLM`.
+Parameters: `adapter` (graph projection + 1×1 conv) and `decoder` (exactly the tokenizer's
+decoder subtree, so `load_vq_decoder` copies the trained decoder in and optax masks can
+train the adapter alone or both). The text decoder G_T is `lm.CausalLM`.
 """
 from typing import Any, Tuple
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sd3_jax.models.layers import dense_init, zeros_init
-from sd3_jax.models.vqvae import VQVAE, Decoder
+from sd3_jax.models.vqvae import VQVAE
 
 Array = jax.Array
 Dtype = Any
@@ -74,20 +75,25 @@ class GraphFusedImageDecoder(nn.Module):
   """G_V: graph-fused VQ codes -> images [B, H, W, C] in [-1, 1].
 
   Attributes:
-    vqvae: the (unbound) VQ-VAE whose decoder this wraps; its architecture fields
-      size the `decoder` subtree, and `decoder_input_dim` is the code width d.
+    decoder: a fresh copy of the image tokenizer's decoder (`tokenizer.decoder_module()`),
+      so the `decoder` subtree has exactly the tokenizer's decoder parameters.
+    code_dim: d, the width of the tokenizer's code vectors (`decoder_input_dim`).
+  Build it with `GraphFusedImageDecoder.for_tokenizer(vqvae)`.
   """
-  vqvae: VQVAE
+  decoder: nn.Module
+  code_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  @classmethod
+  def for_tokenizer(cls, vqvae: Any, dtype: Dtype = jnp.float32,
+                    param_dtype: Dtype = jnp.float32) -> "GraphFusedImageDecoder":
+    """G_V around the decoder of `vqvae` (the VQ-VAE or the pretrained VQGAN)."""
+    return cls(vqvae.decoder_module(dtype, param_dtype), vqvae.decoder_input_dim, dtype,
+               param_dtype)
+
   def setup(self):
-    vq = self.vqvae
     self.adapter = GraphFusionAdapter(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.decoder = Decoder(out_channels=vq.in_channels, base_channels=vq.base_channels,
-                           channel_mults=tuple(vq.channel_mults),
-                           num_res_blocks=vq.num_res_blocks, norm_groups=vq.norm_groups,
-                           dtype=self.dtype, param_dtype=self.param_dtype)
 
   def fuse(self, codes: Array, graph_latents: Array,
            graph_mask: Array) -> Tuple[Array, Array]:
@@ -99,25 +105,24 @@ class GraphFusedImageDecoder(nn.Module):
     """Decodes the graph-fused codes.
 
     Args:
-      codes: [B, h, w, d] VQ code vectors ẑ^I (d = vqvae.decoder_input_dim).
+      codes: [B, h, w, d] VQ code vectors ẑ^I (d = code_dim).
       graph_latents: [B, N, dg] 3DSG node latents ẑ^G.
       graph_mask: [B, N] bool, True = real node.
 
     Returns:
-      images [B, h·f, w·f, C] in [-1, 1] (f = vqvae.downsample_factor).
+      images [B, h·f, w·f, C] in [-1, 1] (f = the tokenizer's downsampling factor).
     """
-    d = self.vqvae.decoder_input_dim
+    d = self.code_dim
     if codes.shape[-1] != d:
       raise ValueError(f"codes have {codes.shape[-1]} channels, the VQ decoder takes {d}")
     adapted, _, _ = self.adapter(codes, graph_latents, graph_mask)
     return self.decoder(adapted)
 
 
-def load_vq_decoder(gv_params: Any, vqvae_params: Any) -> Any:
-  """G_V params with the `decoder` subtree replaced by a trained VQ-VAE's decoder."""
-  if "decoder" not in vqvae_params:
-    raise ValueError("vqvae_params has no 'decoder' subtree (pass the VQVAE's 'params')")
-  return {**gv_params, "decoder": vqvae_params["decoder"]}
+def load_vq_decoder(gv_params: Any, vqvae_params: Any, vqvae: Any = VQVAE) -> Any:
+  """G_V params with the `decoder` subtree replaced by the image tokenizer's decoder
+  (`vqvae`: the tokenizer module or class, VQVAE or the pretrained VQGAN)."""
+  return {**gv_params, "decoder": vqvae.decoder_params(vqvae_params)}
 
 
 def v_rec_loss(recon: Array, images: Array) -> Array:

@@ -18,6 +18,10 @@ from sd3_jax.data import schema
 
 Array = jax.Array
 
+# The normalisation of CLIP's image processor (openai/clip-vit-base-patch32).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 def quick_gelu(x: Array) -> Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
@@ -177,6 +181,45 @@ class FlaxCLIP(nn.Module):
 
   def __call__(self, ids: Array, mask: Optional[Array], pixels: Array):
     return self.encode_image(pixels), self.encode_text(ids, mask)
+
+  # SD³'s condition interface (as `encoders.ContrastiveEncoders`): c^Y and c^I.
+
+  def text(self, ids: Array, mask: Optional[Array] = None) -> tuple[Array, Array]:
+    """-> (per-token states [B, L, D_text], projected pooled [B, projection_dim])."""
+    states, pooled = self.text_model(ids, mask)
+    return states, self.text_projection(pooled)
+
+  def image(self, images: Array) -> tuple[Array, Array]:
+    """Images [B, H, W, 3] in [-1, 1] at any size -> (patch states [B, P, D_vision],
+    projected pooled [B, projection_dim]). Resized (bicubic) and normalised in the graph:
+    close to, not equal to, the reference processor, which the CLIPScore metric uses."""
+    size = self.vision_config["image_size"]
+    x = (images.astype(jnp.float32) + 1.0) / 2.0
+    if x.shape[1:3] != (size, size):
+      x = jnp.clip(jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bicubic"), 0, 1)
+    x = (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+    states, pooled = self.vision_model(x)
+    return states[:, 1:], self.visual_projection(pooled)
+
+  def conditions(self, ids: Array, mask: Optional[Array], images: Array):
+    """Both conditions (also what initialises every parameter)."""
+    return self.text(ids, mask), self.image(images)
+
+  @property
+  def text_width(self) -> int:
+    return self.text_config["hidden_size"]
+
+  @property
+  def image_width(self) -> int:
+    return self.vision_config["hidden_size"]
+
+  @property
+  def pooled_dim(self) -> int:
+    return self.projection_dim
+
+  @property
+  def num_patches(self) -> int:
+    return (self.vision_config["image_size"] // self.vision_config["patch_size"]) ** 2
 
 
 TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,

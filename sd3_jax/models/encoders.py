@@ -138,6 +138,25 @@ class ContrastiveEncoders(nn.Module):
             nn.initializers.constant(np.log(1.0 / self.init_temperature)), ()), ())
     return text_tokens, text_emb, image_tokens, image_emb, logit_scale
 
+  # Feature sizes, as the pretrained `models.clip.FlaxCLIP` gives them.
+
+  @property
+  def text_width(self) -> int:
+    return self.text.width
+
+  @property
+  def image_width(self) -> int:
+    return self.image.width
+
+  @property
+  def pooled_dim(self) -> int:
+    return self.text.embed_dim or self.text.width
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image.image_size[0] // self.image.patch_size) * (
+        self.image.image_size[1] // self.image.patch_size)
+
 
 def _normalize(x: Array) -> Array:
   x = x.astype(jnp.float32)

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from sd3_jax import diffusion
+from sd3_jax import pretrained
 from sd3_jax.models import aligned_decoders
+from sd3_jax.models import clip as clip_lib
 from sd3_jax.models import dgae as dgae_lib
 from sd3_jax.models import encoders
 from sd3_jax.models import fsq as fsq_lib
@@ -35,6 +37,18 @@ def graph_of(batch: Mapping[str, Any], prefix: str) -> dict:
   return {k: batch[f"{prefix}_{k}"] for k in GRAPH_KEYS}
 
 
+def _check_clip_fits(clip, config, text_vocab_size: int) -> None:
+  """A pretrained CLIP reads the text chain's own ids, so the tokenizer must be CLIP's."""
+  t = clip.text_config
+  if text_vocab_size != t["vocab_size"]:
+    raise ValueError(f"model.clip.pretrained: CLIP's vocabulary has {t['vocab_size']} ids but "
+                     f"the text tokenizer {text_vocab_size}; set data.tokenizer to the CLIP "
+                     "directory so both read the same ids")
+  if config.data.max_text_len > t["max_position_embeddings"]:
+    raise ValueError(f"data.max_text_len={config.data.max_text_len} exceeds CLIP's "
+                     f"{t['max_position_embeddings']} positions (model.clip.pretrained)")
+
+
 @dataclasses.dataclass(frozen=True)
 class SD3:
   """The networks and the three diffusion processes of one experiment."""
@@ -44,20 +58,33 @@ class SD3:
 
   def __post_init__(self):
     c, m = self.config, self.config.model
-    grid = c.data.image_size // 2 ** len(m.vqvae.channel_mults)
     if m.image_denoiser.width != m.text_denoiser.width:
       raise ValueError("model.image_denoiser.width and model.text_denoiser.width must match: "
                        "both chains' hidden states feed the graph denoiser's teacher slot")
-    levels = tuple(m.dgae.levels)
-    num_codes = fsq_lib.FSQ(levels).codebook_size
-    vq = vqvae_lib.VQVAE(
-        base_channels=m.vqvae.base_channels, channel_mults=tuple(m.vqvae.channel_mults),
-        num_res_blocks=m.vqvae.num_res_blocks, quantizer=m.vqvae.quantizer,
-        codebook_size=m.vqvae.codebook_size, embed_dim=m.vqvae.embed_dim,
-        fsq_levels=tuple(m.vqvae.fsq_levels), commitment_cost=m.vqvae.commitment,
-        ema_decay=m.vqvae.ema_decay, dead_code_steps=m.vqvae.dead_code_steps,
-        object_weight=m.vqvae.object_weight, l1_weight=m.vqvae.l1_weight)
-    clip = encoders.ContrastiveEncoders(
+    if m.vqvae.get("pretrained"):  # VQ-Diffusion's VQGAN (sd3_jax.pretrained), frozen
+      vq = pretrained.module_of(m.vqvae.pretrained, "vqgan", field="model.vqvae.pretrained")
+    else:
+      vq = vqvae_lib.VQVAE(
+          base_channels=m.vqvae.base_channels, channel_mults=tuple(m.vqvae.channel_mults),
+          num_res_blocks=m.vqvae.num_res_blocks, quantizer=m.vqvae.quantizer,
+          codebook_size=m.vqvae.codebook_size, embed_dim=m.vqvae.embed_dim,
+          fsq_levels=tuple(m.vqvae.fsq_levels), commitment_cost=m.vqvae.commitment,
+          ema_decay=m.vqvae.ema_decay, dead_code_steps=m.vqvae.dead_code_steps,
+          object_weight=m.vqvae.object_weight, l1_weight=m.vqvae.l1_weight)
+    if c.data.image_size % vq.downsample_factor:
+      raise ValueError(f"data.image_size={c.data.image_size} is not a multiple of the image "
+                       f"tokenizer's downsampling factor {vq.downsample_factor}")
+    grid = c.data.image_size // vq.downsample_factor
+    if m.clip.get("pretrained"):  # the paper's frozen CLIP as c^Y / c^I
+      clip = pretrained.module_of(m.clip.pretrained, "clip", field="model.clip.pretrained")
+      _check_clip_fits(clip, c, self.text_vocab_size)
+    else:
+      clip = self._project_encoders()
+    self._build(c, m, vq, clip, grid)
+
+  def _project_encoders(self):
+    c, m = self.config, self.config.model
+    return encoders.ContrastiveEncoders(
         text=encoders.TextEncoder(
             vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
             width=m.clip.width, num_layers=m.clip.num_layers, num_heads=m.clip.num_heads,
@@ -66,6 +93,10 @@ class SD3:
             patch_size=m.clip.patch_size, image_size=(c.data.image_size, c.data.image_size),
             width=m.clip.width, num_layers=m.clip.num_layers, num_heads=m.clip.num_heads,
             embed_dim=m.clip.embed_dim))
+
+  def _build(self, c, m, vq, clip, grid):
+    levels = tuple(m.dgae.levels)
+    num_codes = fsq_lib.FSQ(levels).codebook_size
     dgae_cfg = dgae_lib.DGAEConfig(
         num_tags=self.graph_vocab_size, width=m.dgae.width, encoder_layers=m.dgae.encoder_layers,
         decoder_layers=m.dgae.decoder_layers, num_heads=m.dgae.num_heads,
@@ -88,7 +119,7 @@ class SD3:
                                 width=m.prior.width, num_layers=m.prior.num_layers,
                                 num_heads=m.prior.num_heads),
         dgae=dgae_lib.DGAE(dgae_cfg),
-        g_v=aligned_decoders.GraphFusedImageDecoder(vqvae=vq),
+        g_v=aligned_decoders.GraphFusedImageDecoder.for_tokenizer(vq),
         g_t=lm.CausalLM(vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
                         width=m.text_decoder.width, num_layers=m.text_decoder.num_layers,
                         num_heads=m.text_decoder.num_heads,
@@ -128,17 +159,20 @@ class SD3:
     image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
     b = image.shape[0]
     vq_vars = self.vqvae.init({"params": keys["vqvae"], "vq": keys["vqvae"]}, image)
+    vq_state = {k: v for k, v in vq_vars.items() if k != "params"}  # EMA stats / VQGAN remap
     tokens = jnp.zeros((b, self.grid * self.grid), jnp.int32)
     graph = graph_of(batch, "vsg")
     n = graph["node_mask"].shape[1]
     codes = jnp.zeros((b, n, self.image_den.graph_dim))
     node_mask = graph["node_mask"]
     t = jnp.ones((b,), jnp.int32)
-    clip_vars = self.clip.init(keys["clip"], ids, mask, image)
-    text_feats = jnp.zeros((b, ids.shape[1], self.config.model.clip.width))
-    pooled = jnp.zeros((b, self.config.model.clip.embed_dim))
-    patches = jnp.zeros((b, (self.config.data.image_size // self.config.model.clip.patch_size)
-                         ** 2, self.config.model.clip.width))
+    if isinstance(self.clip, clip_lib.FlaxCLIP):
+      clip_vars = self.clip.init(keys["clip"], ids, mask, image, method="conditions")
+    else:
+      clip_vars = self.clip.init(keys["clip"], ids, mask, image)
+    text_feats = jnp.zeros((b, ids.shape[1], self.clip.text_width))
+    pooled = jnp.zeros((b, self.clip.pooled_dim))
+    patches = jnp.zeros((b, self.clip.num_patches, self.clip.image_width))
     teacher = jnp.zeros((b, 2, self.config.model.image_denoiser.width))
     g_t_prefix, g_t_mask = lm.text_decoder_prefix(
         jnp.zeros((b, ids.shape[1], self.config.model.text_decoder.width)), codes, mask,
@@ -161,26 +195,38 @@ class SD3:
                                       jnp.zeros((b, n), jnp.int32), node_mask, pooled,
                                       teacher)["params"],
     )
-    return params, {"vq_stats": vq_vars["vq_stats"]} if "vq_stats" in vq_vars else {}
+    return params, vq_state
+
+  def pretrained_weights(self) -> tuple[dict, dict]:
+    """({network: params}, {collection: state}) of the parts `model.*.pretrained` names."""
+    params, state = {}, {}
+    m = self.config.model
+    for net, key, kind in (("vqvae", "vqvae", "vqgan"), ("clip", "clip", "clip")):
+      directory = m[key].get("pretrained")
+      if directory:
+        loaded = pretrained.load(directory, kind, field=f"model.{key}.pretrained")
+        params[net] = loaded.variables["params"]
+        state.update({k: v for k, v in loaded.variables.items() if k != "params"})
+    return params, state
 
   # ------------------------------------------------------------------ shared features
 
   def image_tokens(self, params, model_state, image) -> jax.Array:
     """z^I_0: VQ token ids [B, h·w] of images in [-1, 1]."""
     ids = self.vqvae.apply({"params": params["vqvae"], **model_state}, image,
-                           method=vqvae_lib.VQVAE.encode)
+                           method="encode")
     return einops.rearrange(ids, "b h w -> b (h w)")
 
   def decode_image_tokens(self, params, model_state, tokens) -> jax.Array:
     ids = einops.rearrange(tokens, "b (h w) -> b h w", h=self.grid)
     return self.vqvae.apply({"params": params["vqvae"], **model_state}, ids,
-                            method=vqvae_lib.VQVAE.decode_indices)
+                            method="decode_indices")
 
   def image_latents(self, params, model_state, tokens) -> jax.Array:
     """ẑ^I: the VQ code vectors of token ids [B, h·w] -> [B, h, w, d]."""
     ids = einops.rearrange(tokens, "b (h w) -> b h w", h=self.grid)
     return self.vqvae.apply({"params": params["vqvae"], **model_state}, ids,
-                            method=vqvae_lib.VQVAE.indices_to_latents)
+                            method="indices_to_latents")
 
   def text_condition(self, params, ids, mask):
     """c^Y: (per-token features [B, L, D], pooled [B, E])."""

@@ -190,6 +190,21 @@ class GumbelVQGAN(nn.Module):
   def downsample_factor(self) -> int:
     return 2 ** (len(self.ch_mult) - 1)
 
+  def decoder_module(self, dtype: Dtype = jnp.float32,
+                     param_dtype: Dtype = jnp.float32) -> nn.Module:
+    """A fresh copy of the latents -> images network (G_V wraps one, paper eq. 5)."""
+    del param_dtype  # float32, as the checkpoint
+    return QuantDecoder(self.z_channels, self.ch, self.out_ch, tuple(self.ch_mult),
+                        self.num_res_blocks, tuple(self.attn_levels), dtype,
+                        parent=None)  # unbound: the caller adopts it
+
+  @staticmethod
+  def decoder_params(params: Any) -> Any:
+    """The `decoder_module` parameters inside this model's `params`."""
+    if "decoder" not in params or "post_quant_conv" not in params:
+      raise ValueError("VQGAN params need 'decoder' and 'post_quant_conv' subtrees")
+    return {"post_quant_conv": params["post_quant_conv"], "decoder": params["decoder"]}
+
   def logits(self, images: Array) -> Array:
     """[B, H, W, 3] in [-1, 1] -> quantiser logits [B, h, w, n_embed] over the full codes."""
     return self.quantize.logits(self.quant_conv(self.encoder(images)))
@@ -211,6 +226,24 @@ class GumbelVQGAN(nn.Module):
   def __call__(self, images: Array) -> Array:
     """Reconstruction through the argmax tokens."""
     return self.decode_indices(self.encode(images))
+
+
+class QuantDecoder(nn.Module):
+  """post_quant_conv + decoder + clip: quantised latents -> images in [-1, 1]."""
+  z_channels: int
+  ch: int
+  out_ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_levels: Sequence[int]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    h = _conv(self.z_channels, 1, "post_quant_conv", self.dtype)(z)
+    h = Decoder(self.ch, self.out_ch, self.ch_mult, self.num_res_blocks, self.attn_levels,
+                self.dtype, name="decoder")(h)
+    return jnp.clip(h, -1.0, 1.0)
 
 
 class _GumbelQuantize(nn.Module):

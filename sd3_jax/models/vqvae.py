@@ -290,6 +290,21 @@ class VQVAE(nn.Module):
   def downsample_factor(self) -> int:
     return 2 ** len(self.channel_mults)
 
+  def decoder_module(self, dtype: Dtype = jnp.float32,
+                     param_dtype: Dtype = jnp.float32) -> nn.Module:
+    """A fresh copy of the latents -> images network (G_V wraps one, paper eq. 5)."""
+    return Decoder(out_channels=self.in_channels, base_channels=self.base_channels,
+                   channel_mults=tuple(self.channel_mults), num_res_blocks=self.num_res_blocks,
+                   norm_groups=self.norm_groups, dtype=dtype, param_dtype=param_dtype,
+                   parent=None)  # unbound: the caller adopts it
+
+  @staticmethod
+  def decoder_params(params: Any) -> Any:
+    """The `decoder_module` parameters inside this model's `params`."""
+    if "decoder" not in params:
+      raise ValueError("vqvae_params has no 'decoder' subtree (pass the VQVAE's 'params')")
+    return params["decoder"]
+
   def quantize(self, z: Array, train: bool = False) -> Tuple[Array, Array, Dict[str, Array]]:
     """Encoder output [B, h, w, D] -> (z_q, indices [B, h, w], aux)."""
     if self.quantizer == "ema":

@@ -23,9 +23,7 @@ from sd3_jax.data import schema
 from sd3_jax.models import clip as clip_model
 
 CLIP_SCORE_W = 2.5
-# The normalisation of CLIP's image processor (openai/clip-vit-base-patch32).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = clip_model.CLIP_MEAN, clip_model.CLIP_STD
 
 # --- CLIPScore ----------------------------------------------------------------------------
 

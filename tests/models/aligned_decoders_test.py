@@ -11,7 +11,7 @@ from sd3_jax.models import vqvae
 
 VQ = vqvae.VQVAE(base_channels=8, channel_mults=(1, 2), codebook_size=16, embed_dim=6,
                  norm_groups=4)
-GV = ad.GraphFusedImageDecoder(VQ)
+GV = ad.GraphFusedImageDecoder.for_tokenizer(VQ)
 N, DG = 5, 7
 
 
