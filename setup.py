@@ -26,6 +26,11 @@ setuptools.setup(
         # METEOR / SPICE: pycocoevalcap's jars (Java 8+ on PATH; SPICE also needs its
         # Stanford CoreNLP models in eval.spice_dir, nothing is downloaded).
         "eval": ["pycocoevalcap==1.2"],
+        # `python -m sd3_jax.pretrained check` and its tests: the torch reference models
+        # (transformers' torch CLIP / GPT-2). The CPU wheel; taming's VQGAN modules come from
+        # `pip install --no-deps taming-transformers-rom1504==0.0.6` (its declared
+        # dependencies would pull a CUDA torch and Lightning, which the check does not use).
+        "parity": ["torch==2.13.0"],
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda12": ["jax[cuda12]==0.10.2"],
     },

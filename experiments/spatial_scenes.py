@@ -82,7 +82,8 @@ def get_config(arg=None):
                                               patch_size=8, embed_dim=128))
   # Pretrained parts (directories written by `python -m sd3_jax.pretrained convert`): the
   # VQGAN replaces the VQ-VAE (stage 0a is skipped), a CLIP the stage-0b encoders (frozen;
-  # data.tokenizer must then be the same CLIP directory). None: trained in the project.
+  # data.tokenizer must then be the same CLIP directory), GPT-2 G_T and the text prior
+  # (fine-tuned; data.tokenizer must be GPT-2's). None: trained in the project.
   model.vqvae.pretrained = ml_collections.config_dict.placeholder(str)
   model.clip.pretrained = ml_collections.config_dict.placeholder(str)
   # slot_positions: the decoder knows each node's slot in the canonical graph order.
@@ -105,6 +106,7 @@ def get_config(arg=None):
                                                         attention_impl="dense",
                                                         aligned_slots=True))
   model.text_decoder = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4))
+  model.text_decoder.pretrained = ml_collections.config_dict.placeholder(str)
   model.prior = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4))
   model.teacher_tokens = 16  # the image chain's hidden grid is pooled to this many tokens
 

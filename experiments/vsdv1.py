@@ -7,9 +7,16 @@ downloaded, and a missing file fails at once naming its config key):
 
 `data.vsd_root` holds `VSDv1/{train,val,test}.json` and the images under `images/vg/`,
 `images/spatialsense/` (see docs/vsd_format.md). VSD has no gold 3DSG: the graph-supervised
-terms train on the annotated stand-in (`data/vsd.py::annotated_3dsg`). Stage 0 trains the
-VQ-VAE, encoders and tokenizer on VSD (no pretrained VQGAN / CLIP / GPT-2 weights are
-loaded; `data.tokenizer` may name a local CLIP tokenizer directory).
+terms train on the annotated stand-in (`data/vsd.py::annotated_3dsg`). By default stage 0
+trains the VQ-VAE, encoders and tokenizer on VSD. The paper's pretrained parts, converted
+once by `python -m sd3_jax.pretrained convert --kind {vqgan,clip,gpt2} --src ... --out DIR`:
+  --config.model.vqvae.pretrained=VQGAN_DIR   VQ-Diffusion's VQGAN (2,887 codes with its
+                                              remapping), frozen; stage 0a is skipped
+  --config.model.clip.pretrained=CLIP_DIR --config.data.tokenizer=CLIP_DIR
+                                              frozen CLIP as c^Y / c^I
+  --config.model.text_decoder.pretrained=GPT2_DIR --config.data.tokenizer=GPT2_DIR
+                                              GPT-2 as G_T and the text marginal (fine-tuned)
+CLIP and GPT-2 each need the text chain to use their tokenizer, so one run takes one of them.
 
 Arguments: `tiny` (the test size, on tests/testdata/vsd), `variant=...` as in
 spatial_scenes.py. Shares every key with spatial_scenes.py; this file changes sizes only.

@@ -140,7 +140,8 @@ def clip_from_hf(src: PathLike) -> tuple[clip_model.FlaxCLIP, dict]:
 
 GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                      n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                     scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
+                     scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                     bos_token_id=50256, eos_token_id=50256)
 
 
 def gpt2_model_from_config(config: Mapping[str, Any]) -> gpt2_model.GPT2:
@@ -315,6 +316,11 @@ def convert(kind: str, src: PathLike, out: PathLike,
       if (pathlib.Path(src) / name).exists():
         shutil.copy(pathlib.Path(src) / name, out / name)
         copied.append(name)
+    if "vocab.json" in copied and "tokenizer_config.json" not in copied:
+      # Bare vocab + merges: name the class, so AutoTokenizer (data.tokenizer) loads this one.
+      cls = {"clip": "CLIPTokenizer", "gpt2": "GPT2Tokenizer"}[kind]
+      (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls}) + "\n")
+      copied.append("tokenizer_config.json")
   manifest = dict(kind=kind, config=_module_config(kind, module), source=str(src),
                   mapping=None if mapping is None else str(mapping), tokenizer=copied)
   (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -439,9 +445,10 @@ def flax_outputs(pre: Pretrained, x: Mapping[str, np.ndarray]) -> dict[str, np.n
 def _taming_reference(pre: Pretrained, ckpt: PathLike, mapping: Optional[PathLike]):
   """taming's Encoder / Decoder / GumbelQuantize, as VQ-Diffusion's TamingGumbelVQVAE uses
   them, loaded with torch from the checkpoint itself."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from taming.modules.diffusionmodules import model as taming_model  # pylint: disable=import-outside-toplevel
-  from taming.modules.vqvae import quantize as taming_quantize  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import torch
+  from taming.modules.diffusionmodules import model as taming_model
+  from taming.modules.vqvae import quantize as taming_quantize
 
   m = pre.module
   resolution = 16 * m.downsample_factor

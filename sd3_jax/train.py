@@ -239,13 +239,21 @@ def init_model(model, config, mesh, batch, rng):
   init = jax.jit(lambda r, b: nn.meta.unbox(model.init(r, b)), out_shardings=shardings)
   params, model_state = init(rng, batch)
   loaded_params, loaded_state = model.pretrained_weights()
-  if loaded_params or loaded_state:  # model.*.pretrained: in place of the fresh weights
-    put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)  # noqa: E731
-    params = dict(params, **{k: jax.tree.map(put, v, params[k])
-                             for k, v in loaded_params.items()})
-    model_state = dict(model_state, **{k: jax.tree.map(put, v, model_state[k])
-                                       for k, v in loaded_state.items()})
-  return params, model_state, abstract
+  # model.*.pretrained: in place of the fresh weights, in their shardings.
+  return _put_into(params, loaded_params), _put_into(model_state, loaded_state), abstract
+
+
+def _put_into(fresh, loaded):
+  """`fresh` with every leaf `loaded` has (a subtree of it) replaced, on fresh's sharding."""
+  if isinstance(fresh, dict):
+    extra = sorted(set(loaded) - set(fresh))
+    if extra:
+      raise ValueError(f"pretrained weights {extra} have no place in the model")
+    return {k: _put_into(v, loaded[k]) if k in loaded else v for k, v in fresh.items()}
+  if np.shape(loaded) != fresh.shape:
+    raise ValueError(f"pretrained tensor of shape {np.shape(loaded)} where the model has "
+                     f"{fresh.shape}")
+  return jax.device_put(jnp.asarray(loaded, fresh.dtype), fresh.sharding)
 
 
 def make_state(config, mesh, tx, params, model_state, abstract):
@@ -288,9 +296,10 @@ def run(config, workdir) -> dict:
   writer = metrics_lib.MetricWriter(workdir, enabled=lead)
   first = sharding_lib.to_global(next(iter(_batches(config, "init"))), mesh)
   params, model_state, abstract = init_model(model, config, mesh, first, rng)
-  for key in ("vqvae", "clip"):
+  for key in ("vqvae", "clip", "text_decoder"):
     if steps.pretrained_part(config, key):
-      metrics_lib.say(f"[train] {key}: pretrained, frozen ({config.model[key].pretrained})")
+      frozen = "G_T and text prior, fine-tuned" if key == "text_decoder" else "frozen"
+      metrics_lib.say(f"[train] {key}: pretrained, {frozen} ({config.model[key].pretrained})")
   if weights_dir is not None:
     restored = checkpointing.restore_weights(weights_dir, checkpointing.abstract(
         {"params": params, "model_state": model_state}))

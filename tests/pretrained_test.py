@@ -14,52 +14,11 @@ import pytest
 import safetensors.numpy
 
 from sd3_jax import pretrained
+from sd3_jax.benchmarks import parity
 from sd3_jax.data.schema import DataError
 from sd3_jax.scores import clip_score
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-CLIP_CONFIGS = [
-    # legacy eos id 2: pooled at the highest id
-    dict(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37,
-                          num_hidden_layers=2, num_attention_heads=4,
-                          max_position_embeddings=16, eos_token_id=2),
-         vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                            num_attention_heads=3, image_size=32, patch_size=8),
-         projection_dim=16),
-    # explicit eos id, GELU, one layer, non-square patch grid count
-    dict(text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=24,
-                          num_hidden_layers=1, num_attention_heads=2,
-                          max_position_embeddings=20, hidden_act="gelu", eos_token_id=63),
-         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                            num_attention_heads=4, image_size=24, patch_size=6,
-                            hidden_act="gelu"),
-         projection_dim=8),
-    dict(text_config=dict(vocab_size=120, hidden_size=48, intermediate_size=64,
-                          num_hidden_layers=3, num_attention_heads=6,
-                          max_position_embeddings=12, layer_norm_eps=1e-6),
-         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                            num_attention_heads=2, image_size=16, patch_size=4,
-                            layer_norm_eps=1e-6),
-         projection_dim=24),
-]
-GPT2_CONFIGS = [
-    dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4),
-    dict(vocab_size=77, n_positions=24, n_embd=24, n_layer=3, n_head=2, n_inner=40,
-         activation_function="gelu", scale_attn_by_inverse_layer_idx=True),
-    dict(vocab_size=50, n_positions=20, n_embd=16, n_layer=1, n_head=4,
-         activation_function="relu", scale_attn_weights=False, layer_norm_epsilon=1e-6),
-]
-# taming ddconfig (z_channels = embed_dim, as GumbelVQ needs), n_embed, remapped ids
-VQGAN_CONFIGS = [
-    (dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[8], resolution=16,
-          z_channels=32), 64, 20),
-    (dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, attn_resolutions=[4], resolution=16,
-          z_channels=64), 48, 0),
-    (dict(ch=64, ch_mult=(1, 2, 2, 1), num_res_blocks=1, attn_resolutions=[], resolution=32,
-          z_channels=32), 100, 37),
-]
-
 
 def _torch():
   torch = pytest.importorskip("torch", reason="parity extra (torch) not installed")
@@ -68,42 +27,15 @@ def _torch():
 
 
 def _hf_dir(tmp_path, kind, config, seed=0):
-  torch = _torch()
-  import transformers  # pylint: disable=import-outside-toplevel
-  transformers.utils.logging.set_verbosity_error()
-  torch.manual_seed(seed)
-  if kind == "clip":
-    model = transformers.CLIPModel(transformers.CLIPConfig(**config))
-  else:
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
-  d = tmp_path / f"{kind}_hf"
-  model.save_pretrained(str(d))
-  return d
+  _torch()
+  return parity.save_hf(kind, config, tmp_path / f"{kind}_hf", seed)
 
 
 def _taming_ckpt(tmp_path, dd, n_embed, kept, seed=0):
-  torch = _torch()
-  tm = pytest.importorskip("taming.modules.diffusionmodules.model",
-                           reason="taming-transformers not installed")
-  from taming.modules.vqvae import quantize as tq  # pylint: disable=import-outside-toplevel
-  torch.manual_seed(seed)
-  full = dict(dd, out_ch=3, in_channels=3, dropout=0.0, double_z=False)
-  net = torch.nn.Module()
-  net.encoder, net.decoder = tm.Encoder(**full), tm.Decoder(**full)
-  z = dd["z_channels"]
-  net.quant_conv, net.post_quant_conv = torch.nn.Conv2d(z, z, 1), torch.nn.Conv2d(z, z, 1)
-  net.quantize = tq.GumbelQuantize(z, z, n_embed)
-  net.loss = torch.nn.Linear(3, 3)  # the training loss' weights ride along in a real ckpt
-  ckpt = tmp_path / "last.ckpt"
-  torch.save({"state_dict": net.state_dict(), "epoch": 7, "global_step": 1234,
-              "optimizer_states": [{"lr": 1e-4}]}, str(ckpt))
-  mapping = None
-  if kept:
-    table = torch.randint(0, kept, (n_embed,))
-    table[:kept] = torch.arange(kept)  # every kept id has a code
-    mapping = tmp_path / "remap.pt"
-    torch.save(table, str(mapping))
-  return ckpt, mapping, net
+  _torch()
+  pytest.importorskip("taming.modules.diffusionmodules.model",
+                      reason="taming-transformers not installed")
+  return parity.save_taming(dd, n_embed, kept, tmp_path, seed)
 
 
 def _assert_parity(result):
@@ -111,28 +43,29 @@ def _assert_parity(result):
   assert all(v <= 1e-4 for v in result["max_diff"].values()), result
 
 
-@pytest.mark.parametrize("config", CLIP_CONFIGS, ids=["legacy_eos", "gelu_eos", "wide"])
-def test_clip_parity(tmp_path, config):
-  _assert_parity(pretrained.check("clip", _hf_dir(tmp_path, "clip", config)))
+@pytest.mark.parametrize("name", list(parity.CLIP_CONFIGS))
+def test_clip_parity(tmp_path, name):
+  d = _hf_dir(tmp_path, "clip", parity.CLIP_CONFIGS[name])
+  _assert_parity(pretrained.check("clip", d))
 
 
-@pytest.mark.parametrize("config", GPT2_CONFIGS, ids=["base", "inner_gelu_invscale", "relu"])
-def test_gpt2_parity(tmp_path, config):
-  result = pretrained.check("gpt2", _hf_dir(tmp_path, "gpt2", config))
+@pytest.mark.parametrize("name", list(parity.GPT2_CONFIGS))
+def test_gpt2_parity(tmp_path, name):
+  result = pretrained.check("gpt2", _hf_dir(tmp_path, "gpt2", parity.GPT2_CONFIGS[name]))
   _assert_parity(result)
   assert set(result["max_diff"]) == {"logits_relative", "hidden", "prefix_logits_relative"}
 
 
-@pytest.mark.parametrize("dd,n_embed,kept", VQGAN_CONFIGS, ids=["remap", "deep", "no_attn"])
-def test_vqgan_parity(tmp_path, dd, n_embed, kept):
-  ckpt, mapping, _ = _taming_ckpt(tmp_path, dd, n_embed, kept)
+@pytest.mark.parametrize("name", list(parity.VQGAN_CONFIGS))
+def test_vqgan_parity(tmp_path, name):
+  ckpt, mapping, _ = _taming_ckpt(tmp_path, *parity.VQGAN_CONFIGS[name])
   result = pretrained.check("vqgan", ckpt, mapping)
   _assert_parity(result)
   assert result["max_diff"]["tokens_mismatch"] == 0.0
 
 
 def test_vqgan_architecture_read_off_the_checkpoint(tmp_path):
-  ckpt, mapping, _ = _taming_ckpt(tmp_path, *VQGAN_CONFIGS[0])
+  ckpt, mapping, _ = _taming_ckpt(tmp_path, *parity.VQGAN_CONFIGS["remap"])
   out = pretrained.convert("vqgan", ckpt, tmp_path / "out", mapping)
   pre = pretrained.load(out, "vqgan")
   m = pre.module
@@ -147,7 +80,7 @@ def test_vqgan_architecture_read_off_the_checkpoint(tmp_path):
 
 def test_torch_free_reader_matches_torch_load(tmp_path):
   torch = _torch()
-  ckpt, mapping, net = _taming_ckpt(tmp_path, *VQGAN_CONFIGS[0])
+  ckpt, mapping, net = _taming_ckpt(tmp_path, *parity.VQGAN_CONFIGS["remap"])
   state = pretrained.read_taming_checkpoint(ckpt)
   want = {k: v.numpy() for k, v in net.state_dict().items() if not k.startswith("loss.")}
   assert set(state) == set(want)
@@ -158,7 +91,7 @@ def test_torch_free_reader_matches_torch_load(tmp_path):
 
 
 def test_check_cli_prints_one_json_line(tmp_path):
-  d = _hf_dir(tmp_path, "gpt2", GPT2_CONFIGS[2])
+  d = _hf_dir(tmp_path, "gpt2", parity.GPT2_CONFIGS["relu_unscaled"])
   proc = subprocess.run([sys.executable, "-m", "sd3_jax.pretrained", "check", "--kind=gpt2",
                          f"--src={d}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -215,7 +148,7 @@ def test_tokenizer_round_trip(tmp_path, kind):
 
 
 def test_tokenizer_files_travel_with_the_conversion(tmp_path):
-  d = _hf_dir(tmp_path, "gpt2", GPT2_CONFIGS[0])
+  d = _hf_dir(tmp_path, "gpt2", parity.GPT2_CONFIGS["base"])
   _write_bpe(d, _byte_chars() + ["<|endoftext|>"], [])
   out = pretrained.convert("gpt2", d, tmp_path / "out")
   pre = pretrained.load(out)
@@ -256,7 +189,7 @@ def test_missing_files_name_the_file(tmp_path):
 def test_mismatched_tensor_names_tensor_and_expected_shape(tmp_path):
   d = tmp_path / "gpt2"
   d.mkdir()
-  cfg = GPT2_CONFIGS[2]
+  cfg = parity.GPT2_CONFIGS["relu_unscaled"]
   (d / "config.json").write_text(json.dumps(cfg))
   module = pretrained.gpt2_model_from_config(cfg)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, 4), int)))
@@ -277,7 +210,7 @@ def test_mismatched_tensor_names_tensor_and_expected_shape(tmp_path):
 
 
 def test_taming_checkpoint_errors(tmp_path):
-  ckpt, _, _ = _taming_ckpt(tmp_path, *VQGAN_CONFIGS[0])
+  ckpt, _, _ = _taming_ckpt(tmp_path, *parity.VQGAN_CONFIGS["remap"])
   state = pretrained.read_taming_checkpoint(ckpt)
   del state["quant_conv.weight"]
   with pytest.raises(DataError, match="field 'quant_conv.weight'"):
@@ -291,7 +224,7 @@ def test_taming_checkpoint_errors(tmp_path):
 
 
 def test_load_checks_the_kind(tmp_path):
-  d = _hf_dir(tmp_path, "gpt2", GPT2_CONFIGS[2])
+  d = _hf_dir(tmp_path, "gpt2", parity.GPT2_CONFIGS["relu_unscaled"])
   out = pretrained.convert("gpt2", d, tmp_path / "out")
   with pytest.raises(DataError, match="holds a 'gpt2' model, not 'clip'"):
     pretrained.load(out, "clip")
@@ -360,7 +293,8 @@ def test_pretrained_clip_needs_the_clip_tokenizer(tmp_path):
   """A CLIP over another vocabulary than the text chain's is one clear error."""
   from sd3_jax import config_lib  # pylint: disable=import-outside-toplevel
   from sd3_jax.models import sd3 as sd3_lib  # pylint: disable=import-outside-toplevel
-  out = pretrained.convert("clip", _hf_dir(tmp_path, "clip", CLIP_CONFIGS[0]), tmp_path / "c")
+  d = _hf_dir(tmp_path, "clip", parity.CLIP_CONFIGS["legacy_eos"])
+  out = pretrained.convert("clip", d, tmp_path / "c")
   config = config_lib.load_config(ROOT / "experiments" / "vsdv1.py", "tiny")
   config.model.clip.pretrained = str(out)
   with pytest.raises(ValueError, match="set data.tokenizer to the CLIP directory"):
@@ -381,3 +315,77 @@ def test_missing_pretrained_directory_names_its_key(tmp_path):
     stage.check_local_inputs(config)
   assert f"{tmp_path / 'vqgan'} (model.vqvae.pretrained" in str(e.value)
   assert f"{tmp_path / 'clip' / 'pretrained.json'} (model.clip.pretrained" in str(e.value)
+
+
+def _tiny_gpt2_dir(tmp_path, n_positions=64):
+  """A HF GPT-2 directory whose vocabulary is a byte-level BPE tokenizer's beside it."""
+  torch = _torch()
+  import transformers  # pylint: disable=import-outside-toplevel
+  d = _write_bpe(tmp_path / "gpt2_hf", _byte_chars() + ["re", "red", "Ġred", "<|endoftext|>"],
+                 ["r e", "re d", "Ġ red"])
+  vocab = len(pretrained.load_tokenizer(d, "gpt2"))
+  torch.manual_seed(0)
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=vocab, n_positions=n_positions, n_embd=16, n_layer=2, n_head=2,
+      bos_token_id=vocab - 1, eos_token_id=vocab - 1)).save_pretrained(str(d))
+  return d
+
+
+def test_prefix_gpt2_marginal_is_gpt2s_likelihood(tmp_path):
+  """p̂(y) through `PrefixGPT2` equals the reference GPT2LMHeadModel's log-likelihood of
+  the caption after <|endoftext|>, padding ignored; a prefix changes G_T's logits."""
+  torch = _torch()
+  import transformers  # pylint: disable=import-outside-toplevel
+  from sd3_jax.models import gpt2 as gpt2_lib  # pylint: disable=import-outside-toplevel
+  d = _tiny_gpt2_dir(tmp_path)
+  pre = pretrained.load(pretrained.convert("gpt2", d, tmp_path / "out"))
+  lm = gpt2_lib.PrefixGPT2(pre.module.cfg)
+  params = {"gpt2": pre.variables["params"]}
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, pre.module.cfg["vocab_size"] - 1, (2, 7))
+  mask = np.ones((2, 7), bool)
+  mask[1, 4:] = False
+  got = np.asarray(lm.log_likelihood(params, tokens, mask))
+  ref = transformers.GPT2LMHeadModel.from_pretrained(str(d)).eval()
+  bos = pre.module.cfg["bos_token_id"]
+  with torch.no_grad():
+    for i in range(2):
+      seq = [bos] + [int(t) for t in tokens[i][mask[i]]]
+      logp = torch.log_softmax(ref(torch.tensor([seq])).logits[0], -1)
+      want = sum(float(logp[j, seq[j + 1]]) for j in range(len(seq) - 1))
+      assert got[i] == pytest.approx(want, abs=1e-4)
+  g_t = gpt2_lib.PrefixGPT2(pre.module.cfg, prefix_dim=5)
+  prefix = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  v = g_t.init(jax.random.key(0), tokens, mask, prefix)
+  v = {"params": dict(v["params"], gpt2=pre.variables["params"])}
+  with_prefix = g_t.apply(v, tokens, mask, prefix)
+  assert with_prefix.shape == (2, 7, pre.module.cfg["vocab_size"])
+  assert not np.allclose(with_prefix, g_t.apply(v, tokens, mask, prefix * 0 + 1))
+
+
+def test_vsd_trains_with_pretrained_gpt2(tmp_path):
+  """model.text_decoder.pretrained: GPT-2 becomes G_T and p̂(y), both fine-tuned from the
+  converted weights, with GPT-2's tokenizer as the text chain's (data.tokenizer)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  d = _tiny_gpt2_dir(tmp_path)
+  out = pretrained.convert("gpt2", d, tmp_path / "gpt2")
+  work = tmp_path / "run"
+  run = subprocess.run(
+      [sys.executable, "-m", "sd3_jax.main", "--config=experiments/vsdv1.py:tiny",
+       f"--workdir={work}", f"--config.data.vsd_root={ROOT / 'tests' / 'testdata' / 'vsd'}",
+       f"--config.data.tokenizer={out}", f"--config.model.text_decoder.pretrained={out}",
+       "--config.stages=0b,2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "text_decoder: pretrained, G_T and text prior, fine-tuned" in run.stdout
+  assert "[stage2]" in run.stdout and "t_dec=" in run.stdout
+  loaded = pretrained.load(out).variables["params"]
+  for stage, net in (("stage0b", "text_prior"), ("stage2", "g_t")):
+    ckpt = work / "checkpoints" / stage
+    step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    saved = ocp.PyTreeCheckpointer().restore(str(ckpt / str(step) / "state"))["params"][net]
+    assert set(saved) >= {"gpt2"}
+    wte = np.asarray(saved["gpt2"]["wte"]["embedding"])
+    assert wte.shape == loaded["wte"]["embedding"].shape
+    # Fine-tuned from GPT-2: moved, but a few optimizer steps away from the converted weights.
+    delta = np.abs(wte - np.asarray(loaded["wte"]["embedding"])).max()
+    assert 0 < delta < 0.1

@@ -33,7 +33,9 @@ _LOCAL_PATHS = (("data.tokenizer", "a tokenizer directory (tokenizer.json or CLI
                 ("model.vqvae.pretrained", "VQ-Diffusion's VQGAN, converted by `python -m "
                  "sd3_jax.pretrained convert --kind vqgan`"),
                 ("model.clip.pretrained", "a CLIP, converted by `python -m sd3_jax.pretrained "
-                 "convert --kind clip`"))
+                 "convert --kind clip`"),
+                ("model.text_decoder.pretrained", "a GPT-2, converted by `python -m "
+                 "sd3_jax.pretrained convert --kind gpt2`"))
 
 
 def check_local_inputs(config) -> None:

@@ -6,7 +6,8 @@ punctuation split) and saves it as a `transformers.PreTrainedTokenizerFast`, so 
 at a local CLIP tokenizer directory instead (paper.md: CLIP tokenizer, length 77).
 
 Special tokens of the trained tokenizer: `<pad>` = 0, `<bos>` = 1, `<eos>` = 2, `<unk>` = 3.
-Every encoded sequence is `<bos> ... <eos>` followed by padding.
+Every encoded sequence is `<bos> ... <eos>` followed by padding (`<eos>` is appended where
+a tokenizer does not add it, as GPT-2's).
 """
 import os
 import pathlib
@@ -120,6 +121,8 @@ def encode_batch(tok: transformers.PreTrainedTokenizerBase, texts: Sequence[str]
   encoded = tok(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
   eos = tok.eos_token_id
   for i, seq in enumerate(encoded):
+    if eos is not None and (not seq or seq[-1] != eos):
+      seq = seq + [eos]  # GPT-2's tokenizer adds no <eos>; a decoder must learn to stop
     if len(seq) > max_len:
       seq = seq[:max_len]
       if eos is not None:

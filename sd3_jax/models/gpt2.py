@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sd3_jax.models import lm
+
 Array = jax.Array
 Dtype = Any
 
@@ -91,13 +93,17 @@ class GPT2(nn.Module):
     self.ln_f = nn.LayerNorm(c["layer_norm_epsilon"], dtype=self.dtype)
 
   def hidden_states(self, ids: Array, mask: Optional[Array] = None,
-                    prefix: Optional[Array] = None) -> Array:
+                    prefix: Optional[Array] = None,
+                    prefix_mask: Optional[Array] = None) -> Array:
     """The final-LayerNorm states of every position, prefix included: [B, P + L, D]."""
     x = self.wte(ids)
     if prefix is not None:
       x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
-      if mask is not None:
-        mask = jnp.concatenate([jnp.ones(prefix.shape[:2], mask.dtype), mask], axis=1)
+      if mask is not None or prefix_mask is not None:
+        ones = lambda n: jnp.ones((ids.shape[0], n), bool)  # noqa: E731
+        mask = jnp.concatenate([
+            ones(prefix.shape[1]) if prefix_mask is None else prefix_mask.astype(bool),
+            ones(ids.shape[1]) if mask is None else mask.astype(bool)], axis=1)
     b, l = x.shape[:2]
     if l > self.cfg["n_positions"]:
       raise ValueError(f"{l} positions exceed GPT-2's n_positions={self.cfg['n_positions']}")
@@ -118,3 +124,56 @@ class GPT2(nn.Module):
     if prefix is not None:
       h = h[:, prefix.shape[1]:]
     return self.logits(h)
+
+
+class PrefixGPT2(lm.LMMethods, nn.Module):
+  """GPT-2 behind `lm.CausalLM`'s interface: SD³'s text decoder G_T and text marginal p̂(y).
+
+  Inputs are [prefix_proj(prefix) ; <start> ; tokens[:-1]] and `logits[:, i]` scores token
+  i, as `CausalLM`; `<start>` is GPT-2's `<|endoftext|>` (`bos_token_id`), the token it was
+  trained to begin documents after. `prefix_proj` (new, trained in stage 2) maps G_T's
+  [emb(ẑ^Y) ; ẑ^G] prefix to GPT-2's width; `embed_tokens` is GPT-2's own `wte`, so the
+  text part of the prefix uses the pretrained word embeddings. The `gpt2` subtree is
+  exactly `GPT2`'s, which `sd3_jax.pretrained` loads.
+  """
+  cfg: Mapping[str, Any]
+  prefix_dim: Optional[int] = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.gpt2 = GPT2(self.cfg, self.dtype)
+    if self.prefix_dim is not None:
+      self.prefix_proj = nn.Dense(self.cfg["n_embd"], dtype=self.dtype)
+
+  @property
+  def max_length(self) -> int:
+    return self.cfg["n_positions"]
+
+  @property
+  def embed_width(self) -> int:
+    return self.cfg["n_embd"]
+
+  def embed_tokens(self, tokens: Array) -> Array:
+    return self.gpt2.wte(tokens)
+
+  def __call__(self, tokens: Array, mask: Optional[Array] = None,
+               prefix: Optional[Array] = None, prefix_mask: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    del deterministic  # GPT-2 is run without dropout here
+    b = tokens.shape[0]
+    if prefix is not None and self.prefix_dim is None:
+      raise ValueError("prefix given but the LM has no prefix slot (set prefix_dim)")
+    start = jnp.full((b, 1), self.cfg["bos_token_id"], tokens.dtype)
+    inputs = jnp.concatenate([start, tokens[:, :-1]], axis=1)
+    valid = None
+    if mask is not None:
+      valid = jnp.concatenate([jnp.ones((b, 1), bool), mask[:, :-1].astype(bool)], axis=1)
+    projected = None
+    if self.prefix_dim is not None:
+      if prefix is None:  # the projection exists whether or not this call has a prefix
+        prefix = jnp.zeros((b, 0, self.prefix_dim), self.dtype)
+      projected = self.prefix_proj(prefix.astype(self.dtype))
+    h = self.gpt2.hidden_states(inputs, valid, projected, prefix_mask)
+    if projected is not None:
+      h = h[:, projected.shape[1]:]
+    return self.gpt2.logits(h)

@@ -32,115 +32,13 @@ Dtype = Any
 _EMBED_INIT = nn.initializers.normal(0.02)
 
 
-class CausalLM(nn.Module):
-  """Pre-LN decoder-only transformer with an optional bidirectional prefix.
+class LMMethods:
+  """What the stages and samplers call on an LM, over its `__call__(tokens, mask, prefix,
+  prefix_mask, deterministic)`; shared by `CausalLM` and the pretrained `gpt2.PrefixGPT2`.
 
-  Attributes:
-    vocab_size: V, number of token ids.
-    max_length: L_max, size of the token position table (L ≤ L_max).
-    num_layers, width, num_heads, mlp_ratio: transformer size.
-    prefix_dim: width Dp of the prefix features; None = an LM without a prefix slot.
-    max_prefix_length: size of the prefix position table (P ≤ max_prefix_length).
-    dropout_rate: residual/MLP dropout (active when deterministic=False; rng 'dropout').
+  These take the 'params' collection and run `apply` themselves, so they are called on the
+  unbound module: `lm.log_likelihood(params, tokens, mask)`.
   """
-  vocab_size: int
-  max_length: int
-  num_layers: int = 4
-  width: int = 256
-  num_heads: int = 4
-  mlp_ratio: int = 4
-  prefix_dim: Optional[int] = None
-  max_prefix_length: int = 128
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.token_embed = nn.Embed(self.vocab_size, self.width, embedding_init=dense_init(
-        (None, "embed"), _EMBED_INIT), **kw)
-    self.start_embed = self.param("start_embed", dense_init((None, "embed"), _EMBED_INIT),
-                                  (1, self.width), self.param_dtype)
-    self.pos_embed = self.param("pos_embed", dense_init((None, "embed"), _EMBED_INIT),
-                                (self.max_length, self.width), self.param_dtype)
-    if self.prefix_dim is not None:
-      self.prefix_proj = nn.Dense(self.width, **kw,
-                                  kernel_init=dense_init(("cond_embed", "embed")),
-                                  bias_init=zeros_init(("embed",)))
-      self.prefix_pos_embed = self.param(
-          "prefix_pos_embed", dense_init((None, "embed"), _EMBED_INIT),
-          (self.max_prefix_length, self.width), self.param_dtype)
-    self.blocks = [EncoderBlock(self.num_heads, self.mlp_ratio, self.dropout_rate, **kw)
-                   for _ in range(self.num_layers)]
-    self.ln_out = LayerNorm(**kw)
-    self.head = nn.Dense(self.vocab_size, **kw, kernel_init=dense_init(("embed", "vocab")),
-                         bias_init=zeros_init(("vocab",)))
-
-  def embed_tokens(self, tokens: Array) -> Array:
-    """The LM's word embeddings of token ids [...] -> [..., width] (e.g. for ẑ^Y_0)."""
-    return self.token_embed(tokens)
-
-  def __call__(self, tokens: Array, mask: Optional[Array] = None,
-               prefix: Optional[Array] = None, prefix_mask: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
-    """Next-token logits aligned with the tokens.
-
-    Args:
-      tokens: [B, L] int ids in [0, V).
-      mask: [B, L] bool, True = real token (right padding); None = all real.
-      prefix: optional [B, P, Dp] prefix features (needs `prefix_dim` = Dp).
-      prefix_mask: [B, P] bool, True = real prefix position; None = all real.
-      deterministic: disables dropout.
-
-    Returns:
-      logits [B, L, V] float32; logits[:, i] scores token i given tokens < i and the prefix.
-    """
-    b, length = tokens.shape
-    if length > self.max_length:
-      raise ValueError(f"{length} tokens exceed the LM's max_length {self.max_length}")
-    if prefix is not None and self.prefix_dim is None:
-      raise ValueError("prefix given but the LM has no prefix slot (set prefix_dim)")
-    if mask is None:
-      mask = jnp.ones((b, length), bool)
-    # Inputs are shifted right by one: position i holds the start embedding (i = 0) or
-    # token i-1, so its output predicts token i. Input i is real iff token i-1 is.
-    x = jnp.concatenate([
-        jnp.broadcast_to(self.start_embed.astype(self.dtype)[None], (b, 1, self.width)),
-        self.token_embed(tokens[:, :-1])], axis=1)
-    x = x + self.pos_embed[:length].astype(self.dtype)[None]
-    valid = jnp.concatenate([jnp.ones((b, 1), bool), mask[:, :-1].astype(bool)], axis=1)
-    causal = jnp.tril(jnp.ones((length, length), bool))
-
-    num_prefix = 0
-    if self.prefix_dim is not None:
-      if prefix is None:
-        # No prefix for this call: zero prefix positions, but the projection exists.
-        prefix = jnp.zeros((b, 0, self.prefix_dim), self.dtype)
-      num_prefix = prefix.shape[1]
-      if num_prefix > self.max_prefix_length:
-        raise ValueError(f"prefix of {num_prefix} positions exceeds max_prefix_length "
-                         f"{self.max_prefix_length}")
-      if prefix_mask is None:
-        prefix_mask = jnp.ones((b, num_prefix), bool)
-      p = self.prefix_proj(prefix.astype(self.dtype))
-      p = p + self.prefix_pos_embed[:num_prefix].astype(self.dtype)[None]
-      x = jnp.concatenate([p, x], axis=1)
-      valid = jnp.concatenate([prefix_mask.astype(bool), valid], axis=1)
-      # Prefix rows see only the prefix; token rows see the prefix and earlier tokens.
-      causal = jnp.block([
-          [jnp.ones((num_prefix, num_prefix), bool),
-           jnp.zeros((num_prefix, length), bool)],
-          [jnp.ones((length, num_prefix), bool), causal]])
-    attn_mask = causal[None, None] & valid[:, None, None, :]
-    x = constrain(x, ("batch", "length", "embed"))
-    for block in self.blocks:
-      x = block(x, attn_mask, deterministic)
-    x = self.ln_out(x[:, num_prefix:])
-    logits = self.head(x).astype(jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab"))
-
-  # The methods below take the 'params' collection and run `apply` themselves, so they
-  # are called on the unbound module: `lm.log_likelihood(params, tokens, mask)`.
 
   def log_likelihood(self, params: Any, tokens: Array, mask: Optional[Array] = None,
                      prefix: Optional[Array] = None,
@@ -204,6 +102,118 @@ class CausalLM(nn.Module):
       nxt = pick(logits[:, i], i).astype(jnp.int32)
       return tokens.at[:, i].set(nxt)
     return jax.lax.fori_loop(0, length, step, jnp.zeros((batch_size, length), jnp.int32))
+
+
+class CausalLM(LMMethods, nn.Module):
+  """Pre-LN decoder-only transformer with an optional bidirectional prefix.
+
+  Attributes:
+    vocab_size: V, number of token ids.
+    max_length: L_max, size of the token position table (L ≤ L_max).
+    num_layers, width, num_heads, mlp_ratio: transformer size.
+    prefix_dim: width Dp of the prefix features; None = an LM without a prefix slot.
+    max_prefix_length: size of the prefix position table (P ≤ max_prefix_length).
+    dropout_rate: residual/MLP dropout (active when deterministic=False; rng 'dropout').
+  """
+  vocab_size: int
+  max_length: int
+  num_layers: int = 4
+  width: int = 256
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  prefix_dim: Optional[int] = None
+  max_prefix_length: int = 128
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.token_embed = nn.Embed(self.vocab_size, self.width, embedding_init=dense_init(
+        (None, "embed"), _EMBED_INIT), **kw)
+    self.start_embed = self.param("start_embed", dense_init((None, "embed"), _EMBED_INIT),
+                                  (1, self.width), self.param_dtype)
+    self.pos_embed = self.param("pos_embed", dense_init((None, "embed"), _EMBED_INIT),
+                                (self.max_length, self.width), self.param_dtype)
+    if self.prefix_dim is not None:
+      self.prefix_proj = nn.Dense(self.width, **kw,
+                                  kernel_init=dense_init(("cond_embed", "embed")),
+                                  bias_init=zeros_init(("embed",)))
+      self.prefix_pos_embed = self.param(
+          "prefix_pos_embed", dense_init((None, "embed"), _EMBED_INIT),
+          (self.max_prefix_length, self.width), self.param_dtype)
+    self.blocks = [EncoderBlock(self.num_heads, self.mlp_ratio, self.dropout_rate, **kw)
+                   for _ in range(self.num_layers)]
+    self.ln_out = LayerNorm(**kw)
+    self.head = nn.Dense(self.vocab_size, **kw, kernel_init=dense_init(("embed", "vocab")),
+                         bias_init=zeros_init(("vocab",)))
+
+  def embed_tokens(self, tokens: Array) -> Array:
+    """The LM's word embeddings of token ids [...] -> [..., width] (e.g. for ẑ^Y_0)."""
+    return self.token_embed(tokens)
+
+  @property
+  def embed_width(self) -> int:
+    return self.width
+
+  def __call__(self, tokens: Array, mask: Optional[Array] = None,
+               prefix: Optional[Array] = None, prefix_mask: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """Next-token logits aligned with the tokens.
+
+    Args:
+      tokens: [B, L] int ids in [0, V).
+      mask: [B, L] bool, True = real token (right padding); None = all real.
+      prefix: optional [B, P, Dp] prefix features (needs `prefix_dim` = Dp).
+      prefix_mask: [B, P] bool, True = real prefix position; None = all real.
+      deterministic: disables dropout.
+
+    Returns:
+      logits [B, L, V] float32; logits[:, i] scores token i given tokens < i and the prefix.
+    """
+    b, length = tokens.shape
+    if length > self.max_length:
+      raise ValueError(f"{length} tokens exceed the LM's max_length {self.max_length}")
+    if prefix is not None and self.prefix_dim is None:
+      raise ValueError("prefix given but the LM has no prefix slot (set prefix_dim)")
+    if mask is None:
+      mask = jnp.ones((b, length), bool)
+    # Inputs are shifted right by one: position i holds the start embedding (i = 0) or
+    # token i-1, so its output predicts token i. Input i is real iff token i-1 is.
+    x = jnp.concatenate([
+        jnp.broadcast_to(self.start_embed.astype(self.dtype)[None], (b, 1, self.width)),
+        self.token_embed(tokens[:, :-1])], axis=1)
+    x = x + self.pos_embed[:length].astype(self.dtype)[None]
+    valid = jnp.concatenate([jnp.ones((b, 1), bool), mask[:, :-1].astype(bool)], axis=1)
+    causal = jnp.tril(jnp.ones((length, length), bool))
+
+    num_prefix = 0
+    if self.prefix_dim is not None:
+      if prefix is None:
+        # No prefix for this call: zero prefix positions, but the projection exists.
+        prefix = jnp.zeros((b, 0, self.prefix_dim), self.dtype)
+      num_prefix = prefix.shape[1]
+      if num_prefix > self.max_prefix_length:
+        raise ValueError(f"prefix of {num_prefix} positions exceeds max_prefix_length "
+                         f"{self.max_prefix_length}")
+      if prefix_mask is None:
+        prefix_mask = jnp.ones((b, num_prefix), bool)
+      p = self.prefix_proj(prefix.astype(self.dtype))
+      p = p + self.prefix_pos_embed[:num_prefix].astype(self.dtype)[None]
+      x = jnp.concatenate([p, x], axis=1)
+      valid = jnp.concatenate([prefix_mask.astype(bool), valid], axis=1)
+      # Prefix rows see only the prefix; token rows see the prefix and earlier tokens.
+      causal = jnp.block([
+          [jnp.ones((num_prefix, num_prefix), bool),
+           jnp.zeros((num_prefix, length), bool)],
+          [jnp.ones((length, num_prefix), bool), causal]])
+    attn_mask = causal[None, None] & valid[:, None, None, :]
+    x = constrain(x, ("batch", "length", "embed"))
+    for block in self.blocks:
+      x = block(x, attn_mask, deterministic)
+    x = self.ln_out(x[:, num_prefix:])
+    logits = self.head(x).astype(jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
 
 
 def token_log_likelihood(logits: Array, tokens: Array, mask: Optional[Array]) -> Array:

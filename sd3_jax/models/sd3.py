@@ -19,6 +19,7 @@ from sd3_jax.models import clip as clip_lib
 from sd3_jax.models import dgae as dgae_lib
 from sd3_jax.models import encoders
 from sd3_jax.models import fsq as fsq_lib
+from sd3_jax.models import gpt2 as gpt2_lib
 from sd3_jax.models import graph_denoiser
 from sd3_jax.models import image_denoiser
 from sd3_jax.models import lm
@@ -47,6 +48,18 @@ def _check_clip_fits(clip, config, text_vocab_size: int) -> None:
   if config.data.max_text_len > t["max_position_embeddings"]:
     raise ValueError(f"data.max_text_len={config.data.max_text_len} exceeds CLIP's "
                      f"{t['max_position_embeddings']} positions (model.clip.pretrained)")
+
+
+def _check_gpt2_fits(cfg, config, text_vocab_size: int) -> None:
+  """GPT-2 writes the text chain's ids and reads a [caption ; 3DSG] prefix before them."""
+  if text_vocab_size != cfg["vocab_size"]:
+    raise ValueError(f"model.text_decoder.pretrained: GPT-2's vocabulary has "
+                     f"{cfg['vocab_size']} ids but the text tokenizer {text_vocab_size}; set "
+                     "data.tokenizer to the GPT-2 directory so both read the same ids")
+  need = 2 * config.data.max_text_len + config.data.max_nodes
+  if need > cfg["n_positions"]:
+    raise ValueError(f"G_T needs {need} positions (2 x data.max_text_len + data.max_nodes) "
+                     f"but GPT-2 has {cfg['n_positions']} (model.text_decoder.pretrained)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,22 +122,31 @@ class SD3:
     # The three chains compute in `model.compute_dtype`; parameters, optimizer state and
     # the logits the losses read stay float32.
     compute = dict(dtype=jnp.dtype(m.get("compute_dtype", "float32")))
+    if m.text_decoder.get("pretrained"):  # GPT-2 as G_T and as the text marginal p̂(y)
+      gpt2_cfg = pretrained.module_of(m.text_decoder.pretrained, "gpt2",
+                                      field="model.text_decoder.pretrained").cfg
+      _check_gpt2_fits(gpt2_cfg, c, self.text_vocab_size)
+      text_prior = gpt2_lib.PrefixGPT2(gpt2_cfg)
+      g_t = gpt2_lib.PrefixGPT2(gpt2_cfg, prefix_dim=gpt2_cfg["n_embd"] + code_dim)
+    else:
+      text_prior = lm.CausalLM(vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
+                               width=m.prior.width, num_layers=m.prior.num_layers,
+                               num_heads=m.prior.num_heads)
+      g_t = lm.CausalLM(vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
+                        width=m.text_decoder.width, num_layers=m.text_decoder.num_layers,
+                        num_heads=m.text_decoder.num_heads,
+                        prefix_dim=m.text_decoder.width + code_dim,
+                        max_prefix_length=c.data.max_text_len + c.data.max_nodes)
     nets = dict(
         vqvae=vq,
         clip=clip,
-        text_prior=lm.CausalLM(vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
-                               width=m.prior.width, num_layers=m.prior.num_layers,
-                               num_heads=m.prior.num_heads),
+        text_prior=text_prior,
         image_prior=lm.CausalLM(vocab_size=vq.num_codes, max_length=grid * grid,
                                 width=m.prior.width, num_layers=m.prior.num_layers,
                                 num_heads=m.prior.num_heads),
         dgae=dgae_lib.DGAE(dgae_cfg),
         g_v=aligned_decoders.GraphFusedImageDecoder.for_tokenizer(vq),
-        g_t=lm.CausalLM(vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
-                        width=m.text_decoder.width, num_layers=m.text_decoder.num_layers,
-                        num_heads=m.text_decoder.num_heads,
-                        prefix_dim=m.text_decoder.width + code_dim,
-                        max_prefix_length=c.data.max_text_len + c.data.max_nodes),
+        g_t=g_t,
         image_den=image_denoiser.ImageDenoiser(
             codebook_size=vq.num_codes, grid_shape=(grid, grid), width=den["image"].width,
             num_layers=den["image"].num_layers, num_heads=den["image"].num_heads,
@@ -175,7 +197,7 @@ class SD3:
     patches = jnp.zeros((b, self.clip.num_patches, self.clip.image_width))
     teacher = jnp.zeros((b, 2, self.config.model.image_denoiser.width))
     g_t_prefix, g_t_mask = lm.text_decoder_prefix(
-        jnp.zeros((b, ids.shape[1], self.config.model.text_decoder.width)), codes, mask,
+        jnp.zeros((b, ids.shape[1], self.g_t.embed_width)), codes, mask,
         node_mask)
     params = dict(
         vqvae=vq_vars["params"],
@@ -198,15 +220,20 @@ class SD3:
     return params, vq_state
 
   def pretrained_weights(self) -> tuple[dict, dict]:
-    """({network: params}, {collection: state}) of the parts `model.*.pretrained` names."""
+    """({network: params}, {collection: state}) of the parts `model.*.pretrained` names; a
+    network's params may be a subtree (the rest keeps its fresh initialisation)."""
     params, state = {}, {}
     m = self.config.model
-    for net, key, kind in (("vqvae", "vqvae", "vqgan"), ("clip", "clip", "clip")):
+    for net, key, kind in (("vqvae", "vqvae", "vqgan"), ("clip", "clip", "clip"),
+                           ("g_t", "text_decoder", "gpt2")):
       directory = m[key].get("pretrained")
       if directory:
         loaded = pretrained.load(directory, kind, field=f"model.{key}.pretrained")
         params[net] = loaded.variables["params"]
         state.update({k: v for k, v in loaded.variables.items() if k != "params"})
+    if "g_t" in params:  # both PrefixGPT2s start from GPT-2; G_T's prefix_proj is new
+      params["text_prior"] = {"gpt2": params["g_t"]}
+      params["g_t"] = {"gpt2": params["g_t"]}
     return params, state
 
   # ------------------------------------------------------------------ shared features
@@ -253,7 +280,7 @@ class SD3:
 
   def g_t_prefix(self, params, text_ids, text_mask, codes, node_mask):
     """G_T's prefix [emb(ẑ^Y_0) ; ẑ^G_0] (paper eq. 6)."""
-    emb = self.g_t.apply({"params": params["g_t"]}, text_ids, method=lm.CausalLM.embed_tokens)
+    emb = self.g_t.apply({"params": params["g_t"]}, text_ids, method="embed_tokens")
     return lm.text_decoder_prefix(emb, codes, text_mask, node_mask)
 
   def teacher_from_image(self, hidden) -> tuple[jax.Array, jax.Array]:
