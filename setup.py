@@ -31,6 +31,8 @@ setuptools.setup(
         # `pip install --no-deps taming-transformers-rom1504==0.0.6` (its declared
         # dependencies would pull a CUDA torch and Lightning, which the check does not use).
         "parity": ["torch==2.13.0"],
+        # `python -m sd3_jax.benchmarks.peer`: the peer, diffusers' VQ-Diffusion transformer.
+        "bench": ["torch==2.13.0", "diffusers==0.42.1"],
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda12": ["jax[cuda12]==0.10.2"],
     },
