@@ -194,8 +194,9 @@ class GumbelVQGAN(nn.Module):
                      param_dtype: Dtype = jnp.float32) -> nn.Module:
     """A fresh copy of the latents -> images network (G_V wraps one, paper eq. 5)."""
     del param_dtype  # float32, as the checkpoint
-    return QuantDecoder(self.z_channels, self.ch, self.out_ch, tuple(self.ch_mult),
-                        self.num_res_blocks, tuple(self.attn_levels), dtype,
+    decoder = Decoder(self.ch, self.out_ch, tuple(self.ch_mult), self.num_res_blocks,
+                      tuple(self.attn_levels), dtype, parent=None)
+    return QuantDecoder(self.z_channels, decoder, dtype,
                         parent=None)  # unbound: the caller adopts it
 
   @staticmethod
@@ -231,19 +232,13 @@ class GumbelVQGAN(nn.Module):
 class QuantDecoder(nn.Module):
   """post_quant_conv + decoder + clip: quantised latents -> images in [-1, 1]."""
   z_channels: int
-  ch: int
-  out_ch: int
-  ch_mult: Sequence[int]
-  num_res_blocks: int
-  attn_levels: Sequence[int]
+  decoder: Decoder
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
     h = _conv(self.z_channels, 1, "post_quant_conv", self.dtype)(z)
-    h = Decoder(self.ch, self.out_ch, self.ch_mult, self.num_res_blocks, self.attn_levels,
-                self.dtype, name="decoder")(h)
-    return jnp.clip(h, -1.0, 1.0)
+    return jnp.clip(self.decoder(h), -1.0, 1.0)
 
 
 class _GumbelQuantize(nn.Module):
