@@ -131,9 +131,8 @@ def _hf_key_map(strip_prefix: str = ""):
 def clip_from_hf(src: PathLike) -> tuple[clip_model.FlaxCLIP, dict]:
   config, state, source = _hf_directory(src, "CLIP")
   module = clip_model.model_from_config(config)
-  size = module.vision_config["image_size"]
-  init_args = (jnp.zeros((1, 8), jnp.int32), None, jnp.zeros((1, size, size, 3)))
-  variables = inception.convert_state_dict(state, module, init_args, key_map=_hf_key_map(),
+  variables = inception.convert_state_dict(state, module, _init_args("clip", module),
+                                           key_map=_hf_key_map(),
                                            ignored_suffixes=("position_ids",), source=source)
   return module, variables
 
@@ -161,8 +160,7 @@ def gpt2_from_hf(src: PathLike) -> tuple[gpt2_model.GPT2, dict]:
   # The LM head is tied to wte; attention-mask buffers are not weights.
   state = {k: v for k, v in state.items() if k != "lm_head.weight"
            and not k.endswith((".attn.bias", ".attn.masked_bias"))}
-  init_args = (jnp.zeros((1, 4), jnp.int32),)
-  variables = inception.convert_state_dict(state, module, init_args,
+  variables = inception.convert_state_dict(state, module, _init_args("gpt2", module),
                                            key_map=_hf_key_map("transformer."), source=source)
   return module, variables
 
@@ -244,10 +242,9 @@ def vqgan_from_taming(ckpt: PathLike,
     remap = {"full_to_quantize": full_to_q, "quantize_to_full": quantize_to_full(full_to_q)}
     cfg["quantize_number"] = len(remap["quantize_to_full"])
   module = taming_vqgan.GumbelVQGAN(**cfg)
-  size = 2 * module.downsample_factor
   variables = inception.convert_state_dict(
-      state, module, (jnp.zeros((1, size, size, cfg["in_channels"])),),
-      key_map=_hf_key_map(), source=str(ckpt), collections=("params",))
+      state, module, _init_args("vqgan", module), key_map=_hf_key_map(), source=str(ckpt),
+      collections=("params",))
   if remap is None:
     identity = np.arange(cfg["n_embed"], dtype=np.int32)
     remap = {"full_to_quantize": identity, "quantize_to_full": identity}
