@@ -51,7 +51,11 @@ def get_config(arg=None):
   data.batch_size = 32  # global batch
   data.max_text_len = 48  # covers every templated caption (p99 42 tokens), v2 p99 45
   data.text_vocab_size = 256
-  data.max_nodes = 40  # 4 objects: <= 35 nodes, <= 52 edges
+  # Graph slots keyed by colour (data/scenes.py, "slot layout"): slot i holds the same
+  # object / attribute / colour-pair relation in the VSG, the TSG and the 3DSG, so the graph
+  # chain can copy its condition slot by slot. 'sequential' fills slots in node order.
+  data.graph_layout = "palette"
+  data.max_nodes = 92  # the palette grid (7 colours); 4 objects: <= 52 edges
   data.max_edges = 64
   data.graph_overflow = "error"  # error | truncate (truncations are counted and reported)
   data.num_workers = 0  # grain worker processes; 0 = in-process
@@ -86,8 +90,10 @@ def get_config(arg=None):
   # (fine-tuned; data.tokenizer must be GPT-2's). None: trained in the project.
   model.vqvae.pretrained = ml_collections.config_dict.placeholder(str)
   model.clip.pretrained = ml_collections.config_dict.placeholder(str)
-  # slot_positions: the decoder knows each node's slot in the canonical graph order.
-  model.dgae = ml_collections.ConfigDict(dict(width=64, encoder_layers=3, decoder_layers=2,
+  # slot_positions: the decoder knows each node's slot. encoder_layers=0: under the palette
+  # layout the slots carry the structure, so each node's code is its own content and a
+  # visible object has the same code in the VSG as in the 3DSG (copying is the identity).
+  model.dgae = ml_collections.ConfigDict(dict(width=64, encoder_layers=0, decoder_layers=2,
                                               num_heads=4, pair_width=64,
                                               levels=(8, 5, 5, 5), edge_weight=5.0,
                                               slot_positions=True))
@@ -124,7 +130,7 @@ def get_config(arg=None):
   # that train convolutions keep 1 (XLA:CPU's conv weight gradients in a loop are ~25x slower).
   config.stage0a = _stage(800, 2e-3)  # VQ-VAE
   config.stage0b = _stage(800, 1e-3)  # contrastive encoders + marginal priors p̂(y), p̂(i)
-  config.stage1 = _stage(800, 2e-3, substeps=5)  # DGAE
+  config.stage1 = _stage(500, 2e-3, substeps=5)  # DGAE
   # The DGAE quality gate: held-out floors checked before the graph diffusion trains on its
   # codes (the run stops with a message below them).
   config.stage1.min_tag_acc = 0.98
@@ -196,7 +202,7 @@ def get_config(arg=None):
 
   if arg.full:
     # The full tier: 64x64, 2-5 objects, f=4 (16x16 tokens), longer stages (hours on CPU).
-    data.update(image_size=64, min_objects=2, max_objects=5, max_nodes=48, max_edges=80,
+    data.update(image_size=64, min_objects=2, max_objects=5, max_edges=80,
                 num_train=40_000, num_val=500, num_test=500)
     model.vqvae.update(codebook_size=512)
     for name, steps in (("stage0a", 3000), ("stage0b", 3000), ("stage1", 2000),

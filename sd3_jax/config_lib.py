@@ -119,6 +119,16 @@ def validate(config) -> None:
     errors.append(f"data.min_objects={lo} must be <= data.max_objects={hi}")
   pick("data.caption_style", ("v1", "v2", "both"))
   pick("data.graph_overflow", ("error", "truncate"))
+  pick("data.graph_layout", ("sequential", "palette"))
+  if _at(config, "data.graph_layout") == "palette":
+    from sd3_jax.data import scenes  # numpy only
+    if _at(config, "data.name") != "spatial_scenes":
+      errors.append("data.graph_layout='palette' keys slots on the unique colours of "
+                    f"spatial_scenes; data.name={_at(config, 'data.name')!r} needs "
+                    "'sequential'")
+    elif _at(config, "data.max_nodes") != scenes.PALETTE_SLOTS:
+      errors.append(f"data.max_nodes={_at(config, 'data.max_nodes')} must be "
+                    f"{scenes.PALETTE_SLOTS}, the slot count of data.graph_layout='palette'")
   pick("diffusion.kind", schedules.TRANSITION_KINDS)
   pick("diffusion.schedule", schedules.SCHEDULES)
   num("diffusion.num_steps", low=1, integer=True)
@@ -144,6 +154,8 @@ def validate(config) -> None:
                   f"model.text_denoiser.width={widths[1]} (both chains' hidden states feed the "
                   "graph denoiser's teacher slot)")
   num("model.vqvae.codebook_size", low=2, integer=True)
+  num("model.dgae.encoder_layers", low=0, integer=True)
+  num("model.dgae.decoder_layers", low=1, integer=True)
   num("model.teacher_tokens", low=1, integer=True)
   num("optim.b1", low=0, high=1, high_open=True)
   num("optim.b2", low=0, high=1, high_open=True)

@@ -21,6 +21,7 @@ from sd3_jax import diffusion
 from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
 from sd3_jax import visualize
+from sd3_jax.data import builders
 from sd3_jax.data import graphs as graphs_lib
 from sd3_jax.data import pipeline
 from sd3_jax.data import scene_captions
@@ -281,10 +282,11 @@ class Generator:
     else:
       batch["image"] = np.asarray(images, np.float32) / 127.5 - 1.0
     empty = graphs_lib.SceneGraph((), ())
+    layout = builders.GRAPH_LAYOUTS[data.get("graph_layout", "sequential")]
     for p in sd3_lib.GRAPH_PREFIXES:
       given = graphs_2d if p == prefix and graphs_2d is not None else [empty] * b
       padded = [graphs_lib.pad_graph(g, self.vocab, data.max_nodes, data.max_edges,
-                                     field=f"{p} graph") for g in given]
+                                     field=f"{p} graph", layout=layout) for g in given]
       batch.update({f"{p}_{k}": v for k, v in graphs_lib.stack_padded(padded).items()})
     return batch
 

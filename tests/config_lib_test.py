@@ -21,3 +21,15 @@ def test_parse_arg_types_and_unknown_keys():
 def test_experiment_files_load_without_jax(name):
   config = config_lib.load_config(EXPERIMENTS / name, "tiny")
   assert config.data.batch_size > 0
+
+
+@pytest.mark.parametrize("file,overrides,says", [
+    ("spatial_scenes.py", dict(max_nodes=40), "data.max_nodes=40 must be 92"),
+    ("vsdv1.py", dict(graph_layout="palette"), "needs 'sequential'"),
+    ("spatial_scenes.py", dict(graph_layout="grid"), "data.graph_layout"),
+])
+def test_graph_layout_is_checked(file, overrides, says):
+  config = config_lib.load_config(EXPERIMENTS / file, "tiny")
+  config.data.update(overrides)
+  with pytest.raises(config_lib.ConfigError, match=says):
+    config_lib.validate(config)

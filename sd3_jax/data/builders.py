@@ -143,6 +143,10 @@ def _stats_dict(stats: graphs.TruncationStats) -> dict:
 # Spatial scenes.
 
 
+# `data.graph_layout` -> the slot layout `graphs.pad_graph` uses (None: node order).
+GRAPH_LAYOUTS = {"sequential": None, "palette": scenes.palette_slots}
+
+
 @dataclasses.dataclass(eq=False)
 class SpatialScenesConfig(tfds.core.BuilderConfig):
   """Generation sizes and the graph budget; the name encodes them all."""
@@ -156,6 +160,7 @@ class SpatialScenesConfig(tfds.core.BuilderConfig):
   graph_overflow: str = "error"
   min_objects: int = 2
   max_objects: int = 5
+  graph_layout: str = "sequential"
 
 
 def spatial_scenes_config(cfg: Any) -> SpatialScenesConfig:
@@ -167,7 +172,8 @@ def spatial_scenes_config(cfg: Any) -> SpatialScenesConfig:
       image_size=int(_get(cfg, "image_size")), max_nodes=int(_get(cfg, "max_nodes")),
       max_edges=int(_get(cfg, "max_edges")),
       graph_overflow=str(_get(cfg, "graph_overflow", "error")),
-      min_objects=int(_get(cfg, "min_objects", 2)), max_objects=int(_get(cfg, "max_objects", 5)))
+      min_objects=int(_get(cfg, "min_objects", 2)), max_objects=int(_get(cfg, "max_objects", 5)),
+      graph_layout=str(_get(cfg, "graph_layout", "sequential")))
   if not 2 <= values["min_objects"] <= values["max_objects"] <= len(scenes.SceneConfig.colours):
     raise DataError(f"need 2 <= min_objects <= max_objects <= {len(scenes.SceneConfig.colours)}"
                     f" (one colour each), got {values['min_objects']}..{values['max_objects']}",
@@ -175,8 +181,13 @@ def spatial_scenes_config(cfg: Any) -> SpatialScenesConfig:
   if values["graph_overflow"] not in ("error", "truncate"):
     raise DataError(f"expected 'error' or 'truncate', got {values['graph_overflow']!r}",
                     field="data.graph_overflow")
+  if values["graph_layout"] not in GRAPH_LAYOUTS:
+    raise DataError(f"expected one of {sorted(GRAPH_LAYOUTS)}, got "
+                    f"{values['graph_layout']!r}", field="data.graph_layout")
   name = ("n{num_train}-{num_val}-{num_test}_seed{seed}_img{image_size}_obj{min_objects}-"
           "{max_objects}_g{max_nodes}x{max_edges}_{graph_overflow}").format(**values)
+  if values["graph_layout"] != "sequential":
+    name += "_" + values["graph_layout"]
   return SpatialScenesConfig(name=name, **values)
 
 
@@ -301,7 +312,8 @@ class SpatialScenes(tfds.core.GeneratorBasedBuilder):
         example[field] = json.dumps(value)
         padded.append(graphs.pad_graph(graph, vocab, c.max_nodes, c.max_edges,
                                        overflow=c.graph_overflow, stats=stats, file=file,
-                                       record=i, field=field))
+                                       record=i, field=field,
+                                       layout=GRAPH_LAYOUTS[c.graph_layout]))
       example["graphs"] = pack_graphs(padded)
       counts_v1.append(len(r.captions))
       counts_v2.append(len(captions_v2))

@@ -13,7 +13,9 @@ the row-major order of the dense adjacency. `pad_graph` stores edges in that ord
 Padding layout of one example (`N = max_nodes`, `E = max_edges`):
   node_type [N] int32   index in `schema.NODE_TYPES` (0 on padding, masked)
   node_tag  [N] int32   `GraphVocab` id (`PAD_ID` = 0 on padding)
-  node_mask [N] bool    real nodes are the prefix `[:num_nodes]`
+  node_mask [N] bool    real nodes are the prefix `[:num_nodes]`, or, with a slot layout
+                        (`SlotLayout`, e.g. the palette grid of spatial scenes), on the
+                        slots it names, padding between them
   adjacency [N, N] int32  edge-type index at [src, dst], 0 = no edge
   senders, receivers, edge_type [E] int32, edge_mask [E] bool
 Padded edges are the self-loop (N-1, N-1) with type 0 and `edge_mask` False: they land on a
@@ -23,7 +25,8 @@ message or loss over edges must be weighted by `edge_mask` (and over nodes by `n
 import collections
 import dataclasses
 import json
-from typing import Any, Collection, Iterable, Literal, Mapping, Optional, Sequence
+from typing import (Any, Callable, Collection, Iterable, Literal, Mapping, Optional,
+                    Sequence)
 
 from absl import logging
 import jax.numpy as jnp
@@ -33,6 +36,10 @@ import numpy as np
 from sd3_jax.data import schema
 
 PaddedGraph = dict[str, np.ndarray]
+# A slot layout maps a graph's (nodes, edges) to one slot per node (None: no slot), e.g.
+# `scenes.palette_slots`; without one, nodes fill slots in node order.
+SlotLayout = Callable[[Sequence[tuple[str, str]], Sequence[tuple[int, int, str]]],
+                      list[Optional[int]]]
 
 PAD_ID = 0
 UNK_ID = 1
@@ -358,10 +365,59 @@ def truncate_graph(graph: SceneGraph, max_nodes: int,
   return out, n - out.num_nodes, graph.num_edges - out.num_edges
 
 
+def _subgraph(graph: SceneGraph, keep: Sequence[int]) -> tuple[SceneGraph, dict[int, int]]:
+  """The nodes `keep` (in that order) and the edges among them; old -> new index."""
+  remap = {old: new for new, old in enumerate(keep)}
+  edges = tuple((remap[s], remap[d], t) for s, d, t in graph.edges
+                if s in remap and d in remap)
+  return SceneGraph(tuple(graph.nodes[i] for i in keep), edges), remap
+
+
+def _place(graph: SceneGraph, layout: SlotLayout, max_nodes: int, overflow: str, *,
+           file, record, field) -> tuple[SceneGraph, list[int], int, int]:
+  """Slots of every node under `layout`; unplaceable nodes raise or are dropped."""
+  slots = layout(graph.nodes, graph.edges)
+  taken: set[int] = set()
+  keep = []
+  for i, slot in enumerate(slots):
+    problem = None
+    if slot is None:
+      problem = "has no slot in the graph layout (an object needs a palette colour, an "\
+                "attribute its object, a relation both ends of different colours)"
+    elif slot >= max_nodes:
+      problem = f"lands on slot {slot}, past data.max_nodes={max_nodes}"
+    elif slot in taken:
+      problem = f"lands on slot {slot}, already taken (two objects of one colour, or two " \
+                "relations of one family for one pair)"
+    if problem is None:
+      taken.add(slot)
+      keep.append(i)
+    elif overflow == "error":
+      ntype, tag = graph.nodes[i]
+      raise schema.DataError(f"node {i} ({ntype} {tag!r}) {problem}; fix the graph (or set "
+                             "data.graph_overflow='truncate')", file=file, record=record,
+                             field=field)
+  if len(keep) == graph.num_nodes:
+    return graph, list(slots), 0, 0
+  sub, remap = _subgraph(graph, keep)
+  # Attributes and relations that lost an end are dropped too (they would dangle).
+  slot_of = [slots[old] for old in keep]
+  ends = collections.Counter()
+  for s, d, _ in sub.edges:
+    ends[s] += 1
+    ends[d] += 1
+  need = {"attribute": 1, "relation": 2}
+  kept2 = [j for j, (t, _) in enumerate(sub.nodes) if ends[j] >= need.get(t, 0)]
+  sub2, remap2 = _subgraph(sub, kept2)
+  slot_of = [slot_of[j] for j in kept2]
+  return (sub2, slot_of, graph.num_nodes - sub2.num_nodes, graph.num_edges - sub2.num_edges)
+
+
 def pad_graph(graph: SceneGraph, vocab: GraphVocab, max_nodes: int, max_edges: int, *,
               overflow: Literal["error", "truncate"] = "error",
               stats: Optional[TruncationStats] = None, file: Optional[str] = None,
-              record: Optional[int] = None, field: Optional[str] = None) -> PaddedGraph:
+              record: Optional[int] = None, field: Optional[str] = None,
+              layout: Optional[SlotLayout] = None) -> PaddedGraph:
   """Pads a graph to `max_nodes` / `max_edges` (layout in the module docstring).
 
   Args:
@@ -375,6 +431,9 @@ def pad_graph(graph: SceneGraph, vocab: GraphVocab, max_nodes: int, max_edges: i
     file: location for errors.
     record: location for errors.
     field: location for errors.
+    layout: puts each node on the slot it names (`SlotLayout`) instead of the prefix
+      `[:num_nodes]`. A node without a slot, or on an occupied one, is an error or, under
+      'truncate', dropped with its edges (and counted).
 
   Returns:
     The padded arrays; edges in canonical (src, dst) order.
@@ -384,7 +443,10 @@ def pad_graph(graph: SceneGraph, vocab: GraphVocab, max_nodes: int, max_edges: i
   if overflow not in ("error", "truncate"):
     raise ValueError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
   dropped_nodes = dropped_edges = 0
-  if graph.num_nodes > max_nodes or graph.num_edges > max_edges:
+  if layout is not None:
+    graph, slot_of, dropped_nodes, dropped_edges = _place(
+        graph, layout, max_nodes, overflow, file=file, record=record, field=field)
+  if graph.num_edges > max_edges or (layout is None and graph.num_nodes > max_nodes):
     if overflow == "error":
       keys = [k for k, over in (("data.max_nodes", graph.num_nodes > max_nodes),
                                 ("data.max_edges", graph.num_edges > max_edges)) if over]
@@ -392,7 +454,19 @@ def pad_graph(graph: SceneGraph, vocab: GraphVocab, max_nodes: int, max_edges: i
           f"graph has {graph.num_nodes} nodes / {graph.num_edges} edges, over the budget of "
           f"max_nodes={max_nodes} / max_edges={max_edges}; raise {' and '.join(keys)} "
           "(or set overflow='truncate')", file=file, record=record, field=field)
-    graph, dropped_nodes, dropped_edges = truncate_graph(graph, max_nodes, max_edges)
+    if layout is not None:  # keep the slots: drop relations (last in the layout) first
+      keep = [i for i, (t, _) in enumerate(graph.nodes) if t != "relation"]
+      rels = [i for i, (t, _) in enumerate(graph.nodes) if t == "relation"]
+      budget = max_edges - sum(1 for s_, d_, _ in graph.edges
+                               if s_ in keep and d_ in keep)
+      keep += rels[:max(budget, 0) // 2]
+      sub, remap = _subgraph(graph, sorted(keep))
+      dropped_nodes += graph.num_nodes - sub.num_nodes
+      dropped_edges += graph.num_edges - sub.num_edges
+      slot_of = [slot_of[old] for old in sorted(remap, key=remap.get)]
+      graph = sub
+    else:
+      graph, dropped_nodes, dropped_edges = truncate_graph(graph, max_nodes, max_edges)
     if stats is None:
       logging.warning("truncated scene graph (file %s, record %s, field %s): dropped %d "
                       "nodes and %d edges (raise data.max_nodes / data.max_edges)", file,
@@ -401,14 +475,16 @@ def pad_graph(graph: SceneGraph, vocab: GraphVocab, max_nodes: int, max_edges: i
     stats.update(dropped_nodes, dropped_edges)
 
   n, e = graph.num_nodes, graph.num_edges
+  if layout is None:
+    slot_of = list(range(n))
   node_type = np.zeros(max_nodes, np.int32)
   node_tag = np.full(max_nodes, PAD_ID, np.int32)
   node_mask = np.zeros(max_nodes, bool)
   for i, (t, tag) in enumerate(graph.nodes):
-    node_type[i] = schema.NODE_TYPE_INDEX[t]
-    node_tag[i] = vocab.tag_id(t, tag)
-  node_mask[:n] = True
-  canon = graph.canonical().edges
+    node_type[slot_of[i]] = schema.NODE_TYPE_INDEX[t]
+    node_tag[slot_of[i]] = vocab.tag_id(t, tag)
+    node_mask[slot_of[i]] = True
+  canon = sorted((slot_of[s_], slot_of[d_], t) for s_, d_, t in graph.edges)
   senders = np.full(max_edges, max_nodes - 1, np.int32)
   receivers = np.full(max_edges, max_nodes - 1, np.int32)
   edge_type = np.zeros(max_edges, np.int32)

@@ -545,3 +545,66 @@ def write_dataset(out_dir: str, num_train: int, num_val: int, num_test: int, see
       pool.close()
       pool.join()
   return counts
+
+
+# ------------------------------------------------------------------------ slot layout
+
+# The palette slot grid: every graph of a scene (3DSG, VSG, TSG) puts a node on a slot
+# fixed by what it is, keyed by colour (unique per scene and visible in image and text), so
+# slot i holds the same thing in the 2DSG condition and in the 3DSG target, whatever else
+# either graph lacks or adds. Objects, then their colour / size / pose attributes, then
+# relations per colour pair (subject first in palette order) in three mutually exclusive
+# families, then the concept. A sequential layout shifts every later slot as soon as one
+# object is occluded or one object has one attribute more.
+RELATION_FAMILY = {"to the left of": 0, "to the right of": 0, "behind": 1, "in front of": 1,
+                   "next to": 2, "on": 2, "under": 2, "above": 2}  # next to excludes on
+_NUM_COLOURS = len(render_lib.PALETTE)
+_ATTR_SLOTS = 3  # colour, size, pose
+_PAIRS = [(a, b) for a in range(_NUM_COLOURS) for b in range(a + 1, _NUM_COLOURS)]
+_PAIR_INDEX = {p: k for k, p in enumerate(_PAIRS)}
+_NUM_FAMILIES = 3
+_FIRST_ATTR = _NUM_COLOURS
+_FIRST_RELATION = _FIRST_ATTR + _ATTR_SLOTS * _NUM_COLOURS
+CONCEPT_SLOT = _FIRST_RELATION + _NUM_FAMILIES * len(_PAIRS)
+PALETTE_SLOTS = CONCEPT_SLOT + 1  # 92: `data.max_nodes` under `data.graph_layout=palette`
+
+
+def palette_slots(nodes: Sequence[tuple[str, str]],
+                  edges: Sequence[tuple[int, int, str]]) -> list[Optional[int]]:
+  """The palette-grid slot of every node of a graph; None where a node has no place.
+
+  An object's key is the palette colour among its attributes. An attribute sits with its
+  owner (colour, size, else pose); a relation on its colour pair's slot for the predicate's
+  family. Objects without a palette colour, attributes without an owner and relations
+  without both ends have no slot (the caller reports them).
+  """
+  colour_of: dict[int, int] = {}
+  owner: dict[int, int] = {}
+  ends: dict[int, list[Optional[int]]] = {}
+  for s, d, t in edges:
+    if t == "attr-of":
+      owner[s] = d
+      if nodes[s][1] in COLOUR_RANK:
+        colour_of.setdefault(d, COLOUR_RANK[nodes[s][1]])
+    elif t == "subj":
+      ends.setdefault(d, [None, None])[0] = s
+    elif t == "obj":
+      ends.setdefault(s, [None, None])[1] = d
+  slots: list[Optional[int]] = []
+  for i, (ntype, tag) in enumerate(nodes):
+    slot = None
+    if ntype == "object":
+      slot = colour_of.get(i)
+    elif ntype == "attribute" and owner.get(i) in colour_of:
+      c = colour_of[owner[i]]
+      kind = 0 if tag in COLOUR_RANK else 1 if tag in SIZES else 2
+      slot = _FIRST_ATTR + _ATTR_SLOTS * c + kind
+    elif ntype == "relation" and tag in RELATION_FAMILY:
+      s, o = ends.get(i, (None, None))
+      if s in colour_of and o in colour_of and colour_of[s] != colour_of[o]:
+        pair = tuple(sorted((colour_of[s], colour_of[o])))
+        slot = _FIRST_RELATION + _NUM_FAMILIES * _PAIR_INDEX[pair] + RELATION_FAMILY[tag]
+    elif ntype == "concept":
+      slot = CONCEPT_SLOT
+    slots.append(slot)
+  return slots

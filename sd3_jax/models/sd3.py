@@ -115,9 +115,11 @@ class SD3:
         decoder_layers=m.dgae.decoder_layers, num_heads=m.dgae.num_heads,
         pair_width=m.dgae.pair_width, levels=levels,
         slot_positions=c.data.max_nodes if m.dgae.slot_positions else 0)
-    # c^G per node: the FSQ vector plus a one-hot of the code id (so the consumers' first
-    # Dense is a code embedding table: nearby FSQ codes mean unrelated content).
-    code_dim = len(levels) + (num_codes if m.graph_interface == "embed" else 0)
+    # c^G per node: the FSQ vector; with 'embed' also a one-hot of the code id (the
+    # consumers' first Dense is then a code embedding table: nearby FSQ codes mean unrelated
+    # content) and of the slot (the DGAE decodes a code relative to its slot).
+    code_dim = len(levels) + (num_codes + c.data.max_nodes if m.graph_interface == "embed"
+                              else 0)
     den = dict(image=m.image_denoiser, text=m.text_denoiser, graph=m.graph_denoiser)
     # The three chains compute in `model.compute_dtype`; parameters, optimizer state and
     # the logits the losses read stay float32.
@@ -275,7 +277,10 @@ class SD3:
     real = ids < quantizer.codebook_size
     codes = quantizer.normalize(quantizer.indices_to_codes(jnp.where(real, ids, 0)))
     if self.config.model.graph_interface == "embed":
-      codes = jnp.concatenate([codes, jax.nn.one_hot(ids, quantizer.codebook_size)], -1)
+      slots = jnp.broadcast_to(jnp.eye(ids.shape[-1], dtype=codes.dtype),
+                               ids.shape + ids.shape[-1:])
+      codes = jnp.concatenate([codes, jax.nn.one_hot(ids, quantizer.codebook_size), slots],
+                              -1)
     return codes * real[..., None], real
 
   def g_t_prefix(self, params, text_ids, text_mask, codes, node_mask):

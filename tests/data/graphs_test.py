@@ -451,3 +451,31 @@ def test_node_edge_accuracy(g3d, vocab):
   stacked = jax.jit(graphs.node_edge_accuracy)(graphs.stack_padded([pred, gold]),
                                                graphs.stack_padded([gold, gold]))
   assert tuple(map(int, stacked["edge_pos"])) == (19, 20)
+
+
+def test_pad_with_slot_layout_places_nodes_and_reports_unplaceable():
+  from sd3_jax.data import scenes
+  g = graphs.SceneGraph(
+      (("object", "cube"), ("attribute", "red"), ("object", "cone"), ("attribute", "blue"),
+       ("relation", "to the left of"), ("concept", "floor"), ("object", "sphere")),
+      ((1, 0, "attr-of"), (3, 2, "attr-of"), (0, 4, "subj"), (4, 2, "obj"),
+       (0, 5, "part-of"), (2, 5, "part-of"), (6, 5, "part-of")))
+  vocab = graphs.GraphVocab.build([g])
+  n = scenes.PALETTE_SLOTS
+  with pytest.raises(schema.DataError, match=r"node 6 \(object 'sphere'\) has no slot"):
+    graphs.pad_graph(g, vocab, n, 16, layout=scenes.palette_slots, record=3)
+  stats = graphs.TruncationStats()
+  p = graphs.pad_graph(g, vocab, n, 16, layout=scenes.palette_slots, overflow="truncate",
+                       stats=stats)
+  assert stats.graphs_truncated == 1
+  blue = scenes.COLOUR_RANK["blue"]
+  rel = scenes.palette_slots(g.nodes, g.edges)[4]
+  assert np.flatnonzero(p["node_mask"]).tolist() == sorted(
+      [0, blue, 7, 7 + 3 * blue, rel, scenes.CONCEPT_SLOT])
+  assert p["adjacency"][0, rel] == schema.EDGE_TYPE_INDEX["subj"]
+  assert p["adjacency"][rel, blue] == schema.EDGE_TYPE_INDEX["obj"]
+  # Unpadding reads the slots in order: the graph minus the sphere.
+  back = graphs.unpad_graph(p, vocab)
+  assert sorted(back.triples(identify_by=("red", "blue"))) == [("red", "to the left of",
+                                                                "blue")]
+  assert back.num_nodes == 6 and back.num_edges == 6

@@ -200,3 +200,47 @@ def test_write_dataset(tmp_path):
   assert (other / "val.json").read_text() == (tmp_path / "val.json").read_text()
   seeds = {scenes.split_seed(5, sp, i) for sp in scenes.SPLITS for i in range(100)}
   assert len(seeds) == 300  # disjoint seed streams
+
+
+def test_palette_layout_aligns_vsg_tsg_and_3dsg_slots():
+  """Each scene graph puts a node on the slot its colour key names: the same object,
+  attribute or colour-pair relation family sits on the same slot in all three graphs."""
+  from sd3_jax.data import graphs
+  moved = 0
+  for seed in range(60):
+    _, rec = _record(seed)
+    placed = {}
+    for key in ("scene_3dsg", "vsg", "tsg"):
+      g = graphs.SceneGraph.from_json(rec[key])
+      slots = scenes.palette_slots(g.nodes, g.edges)
+      assert None not in slots and len(set(slots)) == len(slots), key
+      assert max(slots) < scenes.PALETTE_SLOTS
+      assert slots == sorted(slots), key  # the generators' node order is the slot order
+      colour = _colour_of(rec[key])
+      placed[key] = {s: (g.nodes[i], colour.get(i)) for i, s in enumerate(slots)}
+    g3 = placed["scene_3dsg"]
+    for key in ("vsg", "tsg"):
+      for slot, (node, col) in placed[key].items():
+        if node[0] == "object":  # a visible object: its 3DSG self, same slot
+          assert g3[slot][1] == col and g3[slot][0][0] == "object"
+        if node[0] == "attribute" and node[1] in scenes.COLOUR_RANK:
+          assert g3[slot][0] == node
+        if node[0] == "relation" and slot in g3:  # same pair and family
+          assert scenes.RELATION_FAMILY[g3[slot][0][1]] == scenes.RELATION_FAMILY[node[1]]
+      # In node order (the sequential layout) the same slot often holds different things.
+      seq_2d = [n for n, _ in placed[key].values()]
+      seq_3d = [g3[s][0] for s in sorted(g3)]
+      moved += any(a != b for a, b in zip(seq_2d, seq_3d))
+  assert moved > 30
+
+
+def test_palette_slots_reject_unkeyed_nodes():
+  nodes = (("object", "cube"), ("attribute", "red"), ("object", "cone"),
+           ("attribute", "small"), ("relation", "on"), ("relation", "next to"),
+           ("concept", "floor"))
+  edges = ((1, 0, "attr-of"), (3, 2, "attr-of"), (0, 4, "subj"), (4, 2, "obj"),
+           (0, 5, "subj"), (5, 0, "obj"))
+  slots = scenes.palette_slots(nodes, edges)
+  # The cone has no colour: it, its attribute and the relation to it have no slot; a
+  # relation of an object to itself has none either.
+  assert slots == [0, 7, None, None, None, None, scenes.CONCEPT_SLOT]
