@@ -159,8 +159,9 @@ def get_config(arg=None):
       # Stage-4 sample sheets (ST2I, SI2T, 3DSG drawings) every N steps; 0: only the final
       # evaluation's grids (each sheet costs a sampler compile + run).
       sample_every_steps=0,
-      # Stage-4 held-out curve points (ST2I / SI2T spatial accuracy, 3DSG F1, baselines) on
-      # `curve_examples` val examples every N steps, drawn in curves.png; 0: none.
+      # Held-out curve points on `curve_examples` val examples every N steps, drawn in
+      # curves.png: 3DSG F1 from the VSG / TSG with the copy baselines in stages 3 and 4,
+      # ST2I / SI2T spatial accuracy with their chance baselines in stage 4; 0: none.
       eval_every_steps=400, curve_examples=64))
 
   config.eval = ml_collections.ConfigDict(dict(

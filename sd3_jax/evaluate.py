@@ -141,10 +141,15 @@ def _dgae_metrics(model, config, params, model_state, mesh):
 
 
 def _graph_metrics(model, config, params, model_state, mesh):
-  """TriRec / precision / F1 vs the gold 3DSG of the 3DSG generated from the VSG and from
-  the TSG, next to the same scores of those 2D graphs themselves (copy-the-input: the
-  paper's Table 4 shape)."""
+  """The stage-3 figures on `eval.num_samples` val graphs (`graph_figures`)."""
   del model_state
+  return graph_figures(config, mesh, params, graph_generators(model, config), "val",
+                       config.eval.num_samples)
+
+
+def graph_generators(model, config) -> dict[str, Callable]:
+  """Jitted 2DSG -> 3DSG samplers with the constrained readout, {'vsg'|'tsg': fn(p, b, key)}
+  (compiled once per shape; `graph_figures` scores them)."""
   vocab = graphs_lib.GraphVocab.load(raw_dir(config) / builders.GRAPH_VOCAB_FILE)
   predict = functools.partial(dgae_lib.predict_padded, type_mask=vocab.type_mask())
 
@@ -158,16 +163,23 @@ def _graph_metrics(model, config, params, model_state, mesh):
                               sampler=config.eval.graph_sampler)
     return predict(generate.graph_logits(model, p, codes))
 
-  fns = {prefix: jax.jit(lambda p, b, k, prefix=prefix: generate_from(p, b, prefix, k))
-         for prefix in ("vsg", "tsg")}
+  return {prefix: jax.jit(lambda p, b, k, prefix=prefix: generate_from(p, b, prefix, k))
+          for prefix in ("vsg", "tsg")}
+
+
+def graph_figures(config, mesh, params, generators: dict, split: str,
+                  num_examples: int) -> dict[str, float]:
+  """TriRec / precision / F1 vs the gold 3DSG of the 3DSG generated from the VSG and from
+  the TSG, next to the same scores of those 2D graphs themselves (copy-the-input: the
+  paper's Table 4 shape), on the first `num_examples` of `split` (same keys every call)."""
+  vocab = graphs_lib.GraphVocab.load(raw_dir(config) / builders.GRAPH_VOCAB_FILE)
   counts = {f"{k}_{p}": np.zeros(3, np.int64) for k in ("copy", "from") for p in ("vsg", "tsg")}
-  for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, "val",
-                                                       config.eval.num_samples)):
+  for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, split, num_examples)):
     valid = np.asarray(host["valid"])
     gold = {k: np.asarray(v)[valid] for k, v in sd3_lib.graph_of(host, "g3d").items()}
     for prefix in ("vsg", "tsg"):
       counts[f"copy_{prefix}"] += copy_counts(recs, prefix)
-      pred = sharding_lib.host_local(fns[prefix](params, batch, jax.random.key(i)), mesh)
+      pred = sharding_lib.host_local(generators[prefix](params, batch, jax.random.key(i)), mesh)
       counts[f"from_{prefix}"] += graph_counts(
           {k: v[valid] for k, v in pred.items()}, gold, vocab)
   counts = gathered_sum(counts)

@@ -73,6 +73,31 @@ class SampleSheets:
     return paths
 
 
+class GraphCurvePoints:
+  """`points(step, state)` during stage 3: held-out 3DSG triple F1 from the VSG and from the
+  TSG now, next to the copied VSG / TSG, as `curve/graph_f1_*` (the same keys, examples and
+  panel of `curves.png` as the stage-4 `CurvePoints`, so the graph curve spans both stages).
+  """
+
+  def __init__(self, model, config, mesh, workdir, writer, *, step_offset: int = 0):
+    self._config, self._mesh = config, mesh
+    self._generators = evaluate.graph_generators(model, config)
+    self._writer, self._offset = writer, step_offset
+    self._workdir = pathlib.Path(workdir)
+
+  def __call__(self, step: int, state) -> dict:
+    figures = evaluate.graph_figures(self._config, self._mesh, state.ema_params,
+                                     self._generators, "val",
+                                     self._config.train.curve_examples)
+    point = {f"curve/graph_f1_{name}": figures[f"graph/trif1_{name}"]
+             for name in ("from_vsg", "from_tsg", "copy_vsg", "copy_tsg")}
+    self._writer.write(self._offset + step, point, stage="curve")
+    self._writer.flush()
+    if jax.process_index() == 0:
+      visualize.save_curves(self._workdir / "metrics.jsonl", self._workdir / "curves.png")
+    return point
+
+
 class CurvePoints:
   """`points(step, state)`: held-out ST2I / SI2T spatial accuracy and 3DSG triple F1 now.
 

@@ -143,7 +143,8 @@ _CURVE_PANELS = (
 
 def save_curves(metrics_path, out_path) -> Optional[pathlib.Path]:
   """`curves.png` from a run's `metrics.jsonl`: each stage's training losses vs step, and
-  the stage-4 held-out curves (`samples.CurvePoints`) with their baselines as lines."""
+  the held-out curves (`samples.GraphCurvePoints` in stage 3, `samples.CurvePoints` in
+  stage 4) with their baselines as lines."""
   import json  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")

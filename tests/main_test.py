@@ -49,9 +49,13 @@ def test_train_then_eval_then_generate(sd3_workdir):
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert {r["stage"] for r in rows} == {"stage0a", "stage0b", "stage1", "stage2", "stage3",
                                         "stage4", "curve", "eval"}
-  # Tiny: a held-out point every 2 stage-4 steps, at the whole run's step (3 per stage).
+  # Tiny: a held-out point every 2 stage-3 and stage-4 steps, at the whole run's step (3 per
+  # stage): the graph F1 from stage 3 on, ST2I / SI2T in stage 4.
   curve = [r for r in rows if r["stage"] == "curve"]
-  assert [r["step"] for r in curve] == [5 * 3 + 2] and 0 <= curve[0]["curve/st2i_spatial_acc"] <= 1
+  assert [r["step"] for r in curve] == [4 * 3 + 2, 5 * 3 + 2]
+  assert {k for k in curve[0] if k.startswith("curve/")} == {
+      f"curve/graph_f1_{k}" for k in ("from_vsg", "from_tsg", "copy_vsg", "copy_tsg")}
+  assert 0 <= curve[1]["curve/st2i_spatial_acc"] <= 1 and "curve/graph_f1_from_vsg" in curve[1]
   assert (tmp_path / "curves.png").stat().st_size > 0
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "samples" / "st2i_final.png").stat().st_size > 0
