@@ -121,8 +121,9 @@ def get_config(arg=None):
   config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, grad_clip=1.0,
                                                 end_lr_factor=0.1, ema_decay=0.99,
                                                 grad_accum_steps=1))
-  # Sized for ~35 minutes of the whole default job on 2 CPU cores (README: what each stage
-  # costs and reaches); scale up on accelerators.
+  # The whole default job takes ~2 hours on 2 CPU cores, most of it the graph chain on the
+  # 92-slot palette grid in stages 3-4 (README: what each stage costs and reaches); scale up
+  # on accelerators.
   # Each stage also pays ~30-40 s of compilation and held-out evaluation on 2 CPU cores.
   # `substeps`: train steps per compiled call (a lax.scan, same results; calls also end at
   # log/checkpoint/sample steps). Each XLA:CPU call maps and zeroes a fresh temp arena
