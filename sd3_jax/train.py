@@ -322,16 +322,15 @@ def run(config, workdir) -> dict:
           params["g_v"], params["vqvae"], model.vqvae))
     state, state_sharding = make_state(config, mesh, tx, params, model_state, abstract)
     hooks = []
-    curves = (config.mode == "train" and config.data.name == "spatial_scenes"
-              and config.train.eval_every_steps)
-    if stage == "3" and curves:
+    watched = config.mode == "train" and config.data.name == "spatial_scenes"
+    if stage == "3" and watched and config.train.eval_every_steps:
       hooks.append((config.train.eval_every_steps, samples_lib.GraphCurvePoints(
           model, config, mesh, workdir, writer, step_offset=_steps_before(config, "3"))))
-    if stage == "4" and config.mode == "train" and config.data.name == "spatial_scenes":
+    if stage == "4" and watched:
       if config.train.sample_every_steps:
         hooks.append((config.train.sample_every_steps, samples_lib.SampleSheets(
             model, config, mesh, workdir, summary["data"], tag=f"stage{stage}")))
-      if curves:
+      if config.train.eval_every_steps:
         hooks.append((config.train.eval_every_steps, samples_lib.CurvePoints(
             model, config, mesh, workdir, writer, step_offset=_steps_before(config, "4"))))
     state = fit(stage=f"stage{stage}", step_fn=steps.make_train_step(model, config, stage, tx),

@@ -399,7 +399,7 @@ def _place(graph: SceneGraph, layout: SlotLayout, max_nodes: int, overflow: str,
                              field=field)
   if len(keep) == graph.num_nodes:
     return graph, list(slots), 0, 0
-  sub, remap = _subgraph(graph, keep)
+  sub, _ = _subgraph(graph, keep)
   # Attributes and relations that lost an end are dropped too (they would dangle).
   slot_of = [slots[old] for old in keep]
   ends = collections.Counter()
@@ -408,7 +408,7 @@ def _place(graph: SceneGraph, layout: SlotLayout, max_nodes: int, overflow: str,
     ends[d] += 1
   need = {"attribute": 1, "relation": 2}
   kept2 = [j for j, (t, _) in enumerate(sub.nodes) if ends[j] >= need.get(t, 0)]
-  sub2, remap2 = _subgraph(sub, kept2)
+  sub2, _ = _subgraph(sub, kept2)
   slot_of = [slot_of[j] for j in kept2]
   return (sub2, slot_of, graph.num_nodes - sub2.num_nodes, graph.num_edges - sub2.num_edges)
 
@@ -459,11 +459,11 @@ def pad_graph(graph: SceneGraph, vocab: GraphVocab, max_nodes: int, max_edges: i
       rels = [i for i, (t, _) in enumerate(graph.nodes) if t == "relation"]
       budget = max_edges - sum(1 for s_, d_, _ in graph.edges
                                if s_ in keep and d_ in keep)
-      keep += rels[:max(budget, 0) // 2]
-      sub, remap = _subgraph(graph, sorted(keep))
+      keep = sorted(keep + rels[:max(budget, 0) // 2])
+      sub, _ = _subgraph(graph, keep)
       dropped_nodes += graph.num_nodes - sub.num_nodes
       dropped_edges += graph.num_edges - sub.num_edges
-      slot_of = [slot_of[old] for old in sorted(remap, key=remap.get)]
+      slot_of = [slot_of[old] for old in keep]
       graph = sub
     else:
       graph, dropped_nodes, dropped_edges = truncate_graph(graph, max_nodes, max_edges)
