@@ -51,11 +51,15 @@ def get_config(arg=None):
   data.batch_size = 32  # global batch
   data.max_text_len = 48  # covers every templated caption (p99 42 tokens), v2 p99 45
   data.text_vocab_size = 256
-  # Graph slots keyed by colour (data/scenes.py, "slot layout"): slot i holds the same
-  # object / attribute / colour-pair relation in the VSG, the TSG and the 3DSG, so the graph
-  # chain can copy its condition slot by slot. 'sequential' fills slots in node order.
-  data.graph_layout = "palette"
-  data.max_nodes = 92  # the palette grid (7 colours); 4 objects: <= 52 edges
+  # Graph slots (data/scenes.py, "slot layout"). 'anchored': max_objects object slots, each
+  # with its attribute slots and per object pair three relation slots; the 3DSG target is
+  # laid out on its condition's slots (the VSG's / TSG's objects first, in their order,
+  # then the ones they lack), so the chain copies slot by slot and completes the tail.
+  # 'palette' fixes one slot per palette colour (92 slots, ~3x the graph compute);
+  # 'sequential' fills slots in node order.
+  data.graph_layout = "anchored"
+  # = scenes.anchored_slot_count(max_objects): 4 + 12 + 18 + 1; 4 objects: <= 52 edges.
+  data.max_nodes = 35
   data.max_edges = 64
   data.graph_overflow = "error"  # error | truncate (truncations are counted and reported)
   data.num_workers = 0  # grain worker processes; 0 = in-process
@@ -204,7 +208,7 @@ def get_config(arg=None):
 
   if arg.full:
     # The full tier: 64x64, 2-5 objects, f=4 (16x16 tokens), longer stages (hours on CPU).
-    data.update(image_size=64, min_objects=2, max_objects=5, max_edges=80,
+    data.update(image_size=64, min_objects=2, max_objects=5, max_nodes=51, max_edges=80,
                 num_train=40_000, num_val=500, num_test=500)
     model.vqvae.update(codebook_size=512)
     for name, steps in (("stage0a", 3000), ("stage0b", 3000), ("stage1", 2000),

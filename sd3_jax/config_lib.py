@@ -119,16 +119,21 @@ def validate(config) -> None:
     errors.append(f"data.min_objects={lo} must be <= data.max_objects={hi}")
   pick("data.caption_style", ("v1", "v2", "both"))
   pick("data.graph_overflow", ("error", "truncate"))
-  pick("data.graph_layout", ("sequential", "palette"))
-  if _at(config, "data.graph_layout") == "palette":
+  pick("data.graph_layout", ("sequential", "palette", "anchored"))
+  layout = _at(config, "data.graph_layout")
+  if layout in ("palette", "anchored"):
     from sd3_jax.data import scenes  # numpy only
+    max_objects = _at(config, "data.max_objects")
+    slots = scenes.PALETTE_SLOTS if layout == "palette" else \
+        scenes.anchored_slot_count(max_objects) if isinstance(max_objects, int) else None
     if _at(config, "data.name") != "spatial_scenes":
-      errors.append("data.graph_layout='palette' keys slots on the unique colours of "
+      errors.append(f"data.graph_layout={layout!r} keys slots on the unique colours of "
                     f"spatial_scenes; data.name={_at(config, 'data.name')!r} needs "
                     "'sequential'")
-    elif _at(config, "data.max_nodes") != scenes.PALETTE_SLOTS:
-      errors.append(f"data.max_nodes={_at(config, 'data.max_nodes')} must be "
-                    f"{scenes.PALETTE_SLOTS}, the slot count of data.graph_layout='palette'")
+    elif slots is not None and _at(config, "data.max_nodes") != slots:
+      errors.append(f"data.max_nodes={_at(config, 'data.max_nodes')} must be {slots}, the "
+                    f"slot count of data.graph_layout={layout!r}"
+                    + (f" at data.max_objects={max_objects}" if layout == "anchored" else ""))
   pick("diffusion.kind", schedules.TRANSITION_KINDS)
   pick("diffusion.schedule", schedules.SCHEDULES)
   num("diffusion.num_steps", low=1, integer=True)

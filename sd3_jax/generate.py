@@ -282,11 +282,16 @@ class Generator:
     else:
       batch["image"] = np.asarray(images, np.float32) / 127.5 - 1.0
     empty = graphs_lib.SceneGraph((), ())
-    layout = builders.GRAPH_LAYOUTS[data.get("graph_layout", "sequential")]
+    layout = data.get("graph_layout", "sequential")
+
+    def pad(graph, where):
+      graph, slots = builders.lay_out(graph, layout, data.get("max_objects", 0))
+      return graphs_lib.pad_graph(graph, self.vocab, data.max_nodes, data.max_edges,
+                                  field=where, layout=slots)
+
     for p in sd3_lib.GRAPH_PREFIXES:
       given = graphs_2d if p == prefix and graphs_2d is not None else [empty] * b
-      padded = [graphs_lib.pad_graph(g, self.vocab, data.max_nodes, data.max_edges,
-                                     field=f"{p} graph", layout=layout) for g in given]
+      padded = [pad(g, f"{p} graph") for g in given]
       batch.update({f"{p}_{k}": v for k, v in graphs_lib.stack_padded(padded).items()})
     return batch
 

@@ -152,22 +152,25 @@ def loss_2(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   sg = jax.lax.stop_gradient
   z_i = sg(model.image_tokens(params, model_state, batch["image"]))
   latents = sg(model.image_latents(params, model_state, z_i))
-  codes, node_mask = model.code_features(sg(model.graph_codes(params, sd3_lib.graph_of(
-      batch, "g3d"))))
-  recon = model.g_v.apply({"params": params["g_v"]}, latents, codes, node_mask)
+  # Each decoder reads the 3DSG on the slots it gets at inference: G_V the one generated
+  # from the TSG (ST2I), G_T the one from the VSG (SI2T).
+  codes_of = lambda prefix: model.code_features(sg(model.graph_codes(  # noqa: E731
+      params, sd3_lib.target_of(batch, prefix))))
+  recon = model.g_v.apply({"params": params["g_v"]}, latents, *codes_of("tsg"))
   v_rec = aligned_decoders.v_rec_loss(recon, batch["image"])
   ids, mask = batch["text_ids"], batch["text_mask"]
-  prefix, prefix_mask = model.g_t_prefix(params, ids, mask, codes, node_mask)
+  prefix, prefix_mask = model.g_t_prefix(params, ids, mask, *codes_of("vsg"))
   t_dec = model.g_t.next_token_loss(params["g_t"], ids, mask, prefix, prefix_mask)
   loss = v_rec + t_dec
   return loss, (model_state, {"loss": loss, "v_rec": v_rec, "t_dec": t_dec})
 
 
-def _graph_chains(model, params, z_t, t, drop, conds):
-  """The graph denoiser on one z_t under several conditions, as one batched call.
+def _graph_chains(model, params, t, drop, conds):
+  """The graph denoiser under several conditions, as one batched call.
 
-  `conds`: (cond_ids, global_feat) or (cond_ids, global_feat, teacher, teacher_mask)
-  tuples; all or none have teacher tokens (padded to the longest, masked). The copies are
+  `conds`: (z_t, cond_ids, global_feat) or (z_t, cond_ids, global_feat, teacher,
+  teacher_mask) tuples (z_t: the noised target on that condition's slots); all or none
+  have teacher tokens (padded to the longest, masked). The copies are
   interleaved per example ([B, n] -> [B·n]), so each device keeps its own rows under data
   sharding; one call of B·n rows runs larger matmuls and fewer ops than n calls of B rows.
   Returns the logits per condition, each [B, N, C].
@@ -175,15 +178,16 @@ def _graph_chains(model, params, z_t, t, drop, conds):
   n = len(conds)
   interleave = lambda xs: jnp.stack(xs, 1).reshape((-1,) + xs[0].shape[1:])  # noqa: E731
   teacher = teacher_mask = None
-  if len(conds[0]) == 4:
-    length = max(c[2].shape[1] for c in conds)
+  if len(conds[0]) == 5:
+    length = max(c[3].shape[1] for c in conds)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    teacher = interleave([pad(c[2]) for c in conds])
-    teacher_mask = interleave([pad(c[3].astype(bool)) for c in conds])
-  cond_ids = interleave([c[0] for c in conds])
+    teacher = interleave([pad(c[3]) for c in conds])
+    teacher_mask = interleave([pad(c[4].astype(bool)) for c in conds])
+  cond_ids = interleave([c[1] for c in conds])
   logits, _ = model.graph_den.apply(
-      {"params": params["graph_den"]}, jnp.repeat(z_t, n, 0), jnp.repeat(t, n, 0), cond_ids,
-      cond_ids < model.graph_den.num_codes, interleave([c[1] for c in conds]), teacher,
+      {"params": params["graph_den"]}, interleave([c[0] for c in conds]),
+      jnp.repeat(t, n, 0), cond_ids,
+      cond_ids < model.graph_den.num_codes, interleave([c[2] for c in conds]), teacher,
       teacher_mask, drop_cond=jnp.repeat(drop, n, 0))
   logits = logits.reshape((-1, n) + logits.shape[1:])
   return [logits[:, i] for i in range(n)]
@@ -200,17 +204,21 @@ def loss_3(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   sg = jax.lax.stop_gradient
   b = batch["image"].shape[0]
   k_t, k_q, k_drop = jax.random.split(rng, 3)
-  z0 = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "g3d")))
+  z0_v = sg(model.graph_codes(params, sd3_lib.target_of(batch, "vsg")))
+  z0_t = sg(model.graph_codes(params, sd3_lib.target_of(batch, "tsg")))
   vsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "vsg")))
   tsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "tsg")))
   _, c_y = sg(model.text_condition(params, batch["text_ids"], batch["text_mask"]))
   _, c_i = sg(model.image_condition(params, batch["image"]))
   t = _sample_t(k_t, b, config.diffusion.num_steps)
-  z_t = model.graph_process.q_sample(k_q, z0, t)
+  # One key: both targets are masked at the same slots.
+  z_t_v = model.graph_process.q_sample(k_q, z0_v, t)
+  z_t_t = model.graph_process.q_sample(k_q, z0_t, t)
   drop = _drop(k_drop, b, config.diffusion.cond_drop_rate)
-  logits_i, logits_t = _graph_chains(model, params, z_t, t, drop, [(vsg, c_i), (tsg, c_y)])
-  l_i, aux_i = _vlb(config, model.graph_process, logits_i, z0, z_t, t)
-  l_t, aux_t = _vlb(config, model.graph_process, logits_t, z0, z_t, t)
+  logits_i, logits_t = _graph_chains(model, params, t, drop,
+                                     [(z_t_v, vsg, c_i), (z_t_t, tsg, c_y)])
+  l_i, aux_i = _vlb(config, model.graph_process, logits_i, z0_v, z_t_v, t)
+  l_t, aux_t = _vlb(config, model.graph_process, logits_t, z0_t, z_t_t, t)
   loss = l_i + l_t
   return loss, (model_state, {"loss": loss, "i23d": l_i, "t23d": l_t,
                               "i23d_ce": jnp.mean(aux_i["aux_ce"]),
@@ -243,13 +251,16 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
 
   g_feats_i = g_feats_y = g_mask_i = g_mask_y = None
   if flags["graph"]:
-    z_g = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "g3d")))
+    z_g_v = sg(model.graph_codes(params, sd3_lib.target_of(batch, "vsg")))
+    z_g_t = sg(model.graph_codes(params, sd3_lib.target_of(batch, "tsg")))
     vsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "vsg")))
     tsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "tsg")))
-    z_gt = model.graph_process.q_sample(k_g, z_g, t)
-    s_i, s_t = _graph_chains(model, params, z_gt, t, drop, [(vsg, c_i), (tsg, c_y)])
-    l_i23d, _ = _vlb(config, model.graph_process, s_i, z_g, z_gt, t)
-    l_t23d, _ = _vlb(config, model.graph_process, s_t, z_g, z_gt, t)
+    z_gt_v = model.graph_process.q_sample(k_g, z_g_v, t)
+    z_gt_t = model.graph_process.q_sample(k_g, z_g_t, t)
+    s_i, s_t = _graph_chains(model, params, t, drop,
+                             [(z_gt_v, vsg, c_i), (z_gt_t, tsg, c_y)])
+    l_i23d, _ = _vlb(config, model.graph_process, s_i, z_g_v, z_gt_v, t)
+    l_t23d, _ = _vlb(config, model.graph_process, s_t, z_g_t, z_gt_t, t)
     loss = w.graph * (l_i23d + l_t23d)
     metrics.update(i23d=l_i23d, t23d=l_t23d)
     # c^G for the 3D->X chains. At inference they get the graph chain's output, so in
@@ -261,13 +272,13 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
     keep = ~_drop(k_gdrop, b, config.diffusion.graph_drop_rate)[:, None]
     empty = model.graph_den.num_codes
 
-    def graph_cond(student_logits):
-      pred = sg(jnp.argmax(student_logits, -1)).astype(z_g.dtype)
-      ids_ = jnp.where(keep, jnp.where(use_pred, pred, z_g), empty)
+    def graph_cond(student_logits, gold):
+      pred = sg(jnp.argmax(student_logits, -1)).astype(gold.dtype)
+      ids_ = jnp.where(keep, jnp.where(use_pred, pred, gold), empty)
       return model.code_features(ids_)
 
-    g_feats_i, g_mask_i = graph_cond(s_t)
-    g_feats_y, g_mask_y = graph_cond(s_i)
+    g_feats_i, g_mask_i = graph_cond(s_t, z_g_t)
+    g_feats_y, g_mask_y = graph_cond(s_i, z_g_v)
   else:
     loss = 0.0
 
@@ -290,10 +301,11 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
       # Teachers see the dual 3D->X chain's step-t hidden states (paper eq. 2-3, App. C.3):
       # VSG->3DSG gets the image chain's, TSG->3DSG the text chain's (which fuses c^I).
       img_feats, img_mask = model.teacher_from_image(sg(h_i))
-      tea_i, tea_t = _graph_chains(model, params, z_gt, t, drop,
-                                   [(vsg, c_i, img_feats, img_mask), (tsg, c_y, sg(h_y), mask)])
-      l_tea_i, _ = _vlb(config, model.graph_process, tea_i, z_g, z_gt, t)
-      l_tea_t, _ = _vlb(config, model.graph_process, tea_t, z_g, z_gt, t)
+      tea_i, tea_t = _graph_chains(model, params, t, drop,
+                                   [(z_gt_v, vsg, c_i, img_feats, img_mask),
+                                    (z_gt_t, tsg, c_y, sg(h_y), mask)])
+      l_tea_i, _ = _vlb(config, model.graph_process, tea_i, z_g_v, z_gt_v, t)
+      l_tea_t, _ = _vlb(config, model.graph_process, tea_t, z_g_t, z_gt_t, t)
       kl = _kl_x0(s_i, sg(tea_i)) + _kl_x0(s_t, sg(tea_t))
       loss = loss + w.kl * kl + w.teacher * (l_tea_i + l_tea_t)
       metrics.update(kl=kl, teacher=l_tea_i + l_tea_t)

@@ -24,7 +24,9 @@ def test_experiment_files_load_without_jax(name):
 
 
 @pytest.mark.parametrize("file,overrides,says", [
-    ("spatial_scenes.py", dict(max_nodes=40), "data.max_nodes=40 must be 92"),
+    ("spatial_scenes.py", dict(max_nodes=40), "data.max_nodes=40 must be 35"),
+    ("spatial_scenes.py", dict(max_objects=5), "must be 51, .* at data.max_objects=5"),
+    ("spatial_scenes.py", dict(graph_layout="palette"), "data.max_nodes=35 must be 92"),
     ("vsdv1.py", dict(graph_layout="palette"), "needs 'sequential'"),
     ("spatial_scenes.py", dict(graph_layout="grid"), "data.graph_layout"),
 ])

@@ -119,7 +119,8 @@ def test_batched_graph_chains_equal_separate_calls(tiny_config):
   b, n = batch["g3d_node_tag"].shape
   keys = jax.random.split(jax.random.key(3), 8)
   ids = lambda k: jax.random.randint(k, (b, n), 0, gd.num_codes + 2)  # noqa: E731
-  z_t, vsg, tsg = ids(keys[0]), ids(keys[1]), ids(keys[2])
+  z_v, z_y = ids(keys[0]), ids(jax.random.fold_in(keys[0], 1))
+  vsg, tsg = ids(keys[1]), ids(keys[2])
   t = jax.random.randint(keys[3], (b,), 1, config.diffusion.num_steps + 1)
   drop = jax.random.bernoulli(keys[4], 0.3, (b,))
   c_i, c_y = (jax.random.normal(k, (b, model.config.model.clip.embed_dim)) for k in keys[5:7])
@@ -127,12 +128,13 @@ def test_batched_graph_chains_equal_separate_calls(tiny_config):
   short, long = jax.random.normal(keys[7], (b, 3, dim)), jax.random.normal(keys[7], (b, 7, dim))
   short_mask = np.ones((b, 3), bool)
   long_mask = np.arange(7)[None] < np.arange(b)[:, None] % 7 + 1
-  for conds in ([(vsg, c_i), (tsg, c_y)],
-                [(vsg, c_i, short, short_mask), (tsg, c_y, long, long_mask)]):
-    batched = steps._graph_chains(model, params, z_t, t, drop, conds)
+  # Each condition has its own z_t (its target on its own slots).
+  for conds in ([(z_v, vsg, c_i), (z_y, tsg, c_y)],
+                [(z_v, vsg, c_i, short, short_mask), (z_y, tsg, c_y, long, long_mask)]):
+    batched = steps._graph_chains(model, params, t, drop, conds)
     for got, cond in zip(batched, conds):
-      want, _ = gd.apply({"params": params["graph_den"]}, z_t, t, cond[0],
-                         cond[0] < gd.num_codes, *cond[1:], drop_cond=drop)
+      want, _ = gd.apply({"params": params["graph_den"]}, cond[0], t, cond[1],
+                         cond[1] < gd.num_codes, *cond[2:], drop_cond=drop)
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

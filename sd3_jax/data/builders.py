@@ -33,6 +33,7 @@ vocabulary from the training graphs -> tokenizer on the training captions -> arr
 """
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -143,8 +144,35 @@ def _stats_dict(stats: graphs.TruncationStats) -> dict:
 # Spatial scenes.
 
 
-# `data.graph_layout` -> the slot layout `graphs.pad_graph` uses (None: node order).
-GRAPH_LAYOUTS = {"sequential": None, "palette": scenes.palette_slots}
+# `data.graph_layout`: how `graphs.pad_graph` places nodes (scenes.py, "slot layout").
+GRAPH_LAYOUTS = ("sequential", "palette", "anchored")
+# Under the anchored grid the 3DSG is also stored on each 2DSG's slots: the graph chain's
+# target for that condition (2DSG prefix -> prefix of the 3DSG laid out on its slots).
+ANCHORED_TARGETS = {"vsg": "g3d_vsg", "tsg": "g3d_tsg"}
+
+
+def lay_out(graph: graphs.SceneGraph, layout: str, max_objects: int,
+            anchor: Optional[graphs.SceneGraph] = None
+            ) -> tuple[graphs.SceneGraph, Optional[graphs.SlotLayout]]:
+  """The graph as `pad_graph` should place it under `data.graph_layout`, and the layout.
+
+  Anchored: the object slots follow `anchor`'s colours first (a 2DSG; None: the graph's
+  own palette order) and relations are re-stated from the lower slot.
+  """
+  if layout == "sequential":
+    return graph, None
+  if layout == "palette":
+    return graph, scenes.palette_slots
+  ranks = scenes.anchor_colours(anchor.nodes, anchor.edges) if anchor is not None else ()
+  nodes, edges = scenes.orient_to_slots(graph.nodes, graph.edges, ranks)
+  return (graphs.SceneGraph(nodes, edges),
+          functools.partial(scenes.anchored_slots, max_objects=max_objects, anchor=ranks))
+
+
+def graph_prefixes(layout: str) -> list[str]:
+  """Batch prefixes of the packed graphs of one spatial-scenes record, in packing order."""
+  extra = list(ANCHORED_TARGETS.values()) if layout == "anchored" else []
+  return list(GRAPH_FIELDS.values()) + extra
 
 
 @dataclasses.dataclass(eq=False)
@@ -261,9 +289,10 @@ class SpatialScenes(tfds.core.GeneratorBasedBuilder):
     }
     for field in GRAPH_FIELDS:
       features[field] = tfds.features.Text()  # the graph's JSON
-    # `pack_graphs` of the 3DSG, VSG and TSG, in `GRAPH_FIELDS` order.
+    # `pack_graphs` of the 3DSG, VSG and TSG (+ the anchored targets), `graph_prefixes` order.
     features["graphs"] = tfds.features.Tensor(
-        shape=(len(GRAPH_FIELDS) * packed_graph_size(c.max_nodes, c.max_edges),),
+        shape=(len(graph_prefixes(c.graph_layout))
+               * packed_graph_size(c.max_nodes, c.max_edges),),
         dtype=np.int32)
     return tfds.core.DatasetInfo(
         builder=self, description="Spatial scenes: image, captions, 3DSG/VSG/TSG.",
@@ -285,7 +314,7 @@ class SpatialScenes(tfds.core.GeneratorBasedBuilder):
     vocab = ensure_scenes_graph_vocab(raw_dir)
     self.info.metadata["raw_dir"] = str(raw_dir)
     self.info.metadata["graph_vocab_size"] = len(vocab)
-    self.info.metadata["graph_prefixes"] = list(GRAPH_FIELDS.values())
+    self.info.metadata["graph_prefixes"] = graph_prefixes(self.builder_config.graph_layout)
     return {split: self._generate_examples(raw_dir, split, vocab) for split in SPLITS}
 
   def _generate_examples(self, raw_dir: pathlib.Path, split: str,
@@ -305,15 +334,22 @@ class SpatialScenes(tfds.core.GeneratorBasedBuilder):
       example = {"image": image_path.read_bytes(), "img_id": r.img_id,
                  "captions": list(r.captions), "captions_v2": captions_v2,
                  "triples": _triples_json(r.triples)}
-      padded = []
+      parsed, padded = {}, []
+
+      def pad(graph, field, anchor=None):
+        graph, layout = lay_out(graph, c.graph_layout, c.max_objects, anchor)
+        return graphs.pad_graph(graph, vocab, c.max_nodes, c.max_edges,
+                                overflow=c.graph_overflow, stats=stats, file=file,
+                                record=i, field=field, layout=layout)
+
       for field in GRAPH_FIELDS:
         value = getattr(r, field)
-        graph = _parse_graph(value, file=file, record=i, field=field)
+        parsed[field] = _parse_graph(value, file=file, record=i, field=field)
         example[field] = json.dumps(value)
-        padded.append(graphs.pad_graph(graph, vocab, c.max_nodes, c.max_edges,
-                                       overflow=c.graph_overflow, stats=stats, file=file,
-                                       record=i, field=field,
-                                       layout=GRAPH_LAYOUTS[c.graph_layout]))
+        padded.append(pad(parsed[field], field))
+      if c.graph_layout == "anchored":
+        for cond in ANCHORED_TARGETS:
+          padded.append(pad(parsed["scene_3dsg"], "scene_3dsg", anchor=parsed[cond]))
       example["graphs"] = pack_graphs(padded)
       counts_v1.append(len(r.captions))
       counts_v2.append(len(captions_v2))

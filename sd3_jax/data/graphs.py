@@ -382,8 +382,9 @@ def _place(graph: SceneGraph, layout: SlotLayout, max_nodes: int, overflow: str,
   for i, slot in enumerate(slots):
     problem = None
     if slot is None:
-      problem = "has no slot in the graph layout (an object needs a palette colour, an "\
-                "attribute its object, a relation both ends of different colours)"
+      problem = "has no slot in the graph layout (an object needs a palette colour and, "\
+                "on the anchored grid, a place among data.max_objects; an attribute its "\
+                "object; a relation both ends of different colours)"
     elif slot >= max_nodes:
       problem = f"lands on slot {slot}, past data.max_nodes={max_nodes}"
     elif slot in taken:

@@ -569,15 +569,9 @@ CONCEPT_SLOT = _FIRST_RELATION + _NUM_FAMILIES * len(_PAIRS)
 PALETTE_SLOTS = CONCEPT_SLOT + 1  # 92: `data.max_nodes` under `data.graph_layout=palette`
 
 
-def palette_slots(nodes: Sequence[tuple[str, str]],
-                  edges: Sequence[tuple[int, int, str]]) -> list[Optional[int]]:
-  """The palette-grid slot of every node of a graph; None where a node has no place.
-
-  An object's key is the palette colour among its attributes. An attribute sits with its
-  owner (colour, size, else pose); a relation on its colour pair's slot for the predicate's
-  family. Objects without a palette colour, attributes without an owner and relations
-  without both ends have no slot (the caller reports them).
-  """
+def _colours_and_ends(nodes, edges):
+  """Per graph: object -> palette rank of its colour, attribute -> owner, relation ->
+  [subject, object]."""
   colour_of: dict[int, int] = {}
   owner: dict[int, int] = {}
   ends: dict[int, list[Optional[int]]] = {}
@@ -590,15 +584,30 @@ def palette_slots(nodes: Sequence[tuple[str, str]],
       ends.setdefault(d, [None, None])[0] = s
     elif t == "obj":
       ends.setdefault(s, [None, None])[1] = d
+  return colour_of, owner, ends
+
+
+def _attr_kind(tag: str) -> int:
+  return 0 if tag in COLOUR_RANK else 1 if tag in SIZES else 2
+
+
+def palette_slots(nodes: Sequence[tuple[str, str]],
+                  edges: Sequence[tuple[int, int, str]]) -> list[Optional[int]]:
+  """The palette-grid slot of every node of a graph; None where a node has no place.
+
+  An object's key is the palette colour among its attributes. An attribute sits with its
+  owner (colour, size, else pose); a relation on its colour pair's slot for the predicate's
+  family. Objects without a palette colour, attributes without an owner and relations
+  without both ends have no slot (the caller reports them).
+  """
+  colour_of, owner, ends = _colours_and_ends(nodes, edges)
   slots: list[Optional[int]] = []
   for i, (ntype, tag) in enumerate(nodes):
     slot = None
     if ntype == "object":
       slot = colour_of.get(i)
     elif ntype == "attribute" and owner.get(i) in colour_of:
-      c = colour_of[owner[i]]
-      kind = 0 if tag in COLOUR_RANK else 1 if tag in SIZES else 2
-      slot = _FIRST_ATTR + _ATTR_SLOTS * c + kind
+      slot = _FIRST_ATTR + _ATTR_SLOTS * colour_of[owner[i]] + _attr_kind(tag)
     elif ntype == "relation" and tag in RELATION_FAMILY:
       s, o = ends.get(i, (None, None))
       if s in colour_of and o in colour_of and colour_of[s] != colour_of[o]:
@@ -608,3 +617,90 @@ def palette_slots(nodes: Sequence[tuple[str, str]],
       slot = CONCEPT_SLOT
     slots.append(slot)
   return slots
+
+
+# The anchored grid: the palette grid's structure on `max_objects` object slots instead of
+# one per palette colour (35 slots for 4 objects instead of 92). A graph's objects take the
+# object slots in the order of an *anchor*'s colours first (the 2DSG the graph chain is
+# conditioned on), then its other colours in palette order; without an anchor (the 2DSGs
+# themselves) that is plain palette order. So a 3DSG laid out on its VSG's slots holds every
+# object the VSG shows on the VSG's slot, and the objects the VSG lacks after them: copying
+# stays the identity and the chain completes the tail. A relation sits on its object-slot
+# pair's family slot with the lower slot as subject (`orient_to_slots` states it that way).
+def anchored_slot_count(max_objects: int) -> int:
+  """Slots of the anchored grid: objects, 3 attributes each, 3 families per pair, concept."""
+  k = max_objects
+  return k + _ATTR_SLOTS * k + _NUM_FAMILIES * (k * (k - 1) // 2) + 1
+
+
+def anchor_colours(nodes: Sequence[tuple[str, str]],
+                   edges: Sequence[tuple[int, int, str]]) -> tuple[int, ...]:
+  """The palette ranks of a graph's object colours, in palette order (its own slot order)."""
+  colour_of, _, _ = _colours_and_ends(nodes, edges)
+  return tuple(sorted(set(colour_of.values())))
+
+
+def _object_rank(colour_of: dict[int, int], anchor: Sequence[int]) -> dict[int, int]:
+  """Palette rank -> object slot: the anchor's colours present here first, then the rest."""
+  present = sorted(set(colour_of.values()))
+  order = [c for c in anchor if c in present] + [c for c in present if c not in anchor]
+  return {c: k for k, c in enumerate(order)}
+
+
+def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, int, str]],
+                   *, max_objects: int, anchor: Sequence[int] = ()) -> list[Optional[int]]:
+  """The anchored-grid slot of every node (None: no place; see `palette_slots`).
+
+  `anchor`: palette ranks whose objects take the first object slots, in this order.
+  Objects past `max_objects`, relations whose subject is not on the lower object slot
+  (`orient_to_slots` first) and relations outside the three families have no slot.
+  """
+  k = max_objects
+  colour_of, owner, ends = _colours_and_ends(nodes, edges)
+  rank = _object_rank(colour_of, anchor)
+  obj_slot = {i: rank[c] for i, c in colour_of.items() if rank[c] < k}
+  first_attr, first_rel = k, k + _ATTR_SLOTS * k
+  slots: list[Optional[int]] = []
+  for i, (ntype, tag) in enumerate(nodes):
+    slot = None
+    if ntype == "object":
+      slot = obj_slot.get(i)
+    elif ntype == "attribute" and owner.get(i) in obj_slot:
+      slot = first_attr + _ATTR_SLOTS * obj_slot[owner[i]] + _attr_kind(tag)
+    elif ntype == "relation" and tag in RELATION_FAMILY:
+      s, o = ends.get(i, (None, None))
+      if s in obj_slot and o in obj_slot and obj_slot[s] < obj_slot[o]:
+        a, b = obj_slot[s], obj_slot[o]
+        pair = a * (2 * k - a - 1) // 2 + (b - a - 1)
+        slot = first_rel + _NUM_FAMILIES * pair + RELATION_FAMILY[tag]
+    elif ntype == "concept":
+      slot = anchored_slot_count(k) - 1
+    slots.append(slot)
+  return slots
+
+
+def orient_to_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, int, str]],
+                    anchor: Sequence[int] = ()) -> tuple[list, list]:
+  """The same graph with every relation stated from the object on the lower anchored slot
+  ("b left of a" becomes "a right of b" when a comes first), so slots fix the direction.
+
+  Without an anchor this is the identity on generated graphs (their subject is already the
+  palette-first object); only a 3DSG laid out on its 2DSG's slots changes.
+  """
+  colour_of, _, ends = _colours_and_ends(nodes, edges)
+  rank = _object_rank(colour_of, anchor)
+  nodes, flip = list(nodes), set()
+  for r, (s, o) in ends.items():
+    if s in colour_of and o in colour_of and rank[colour_of[s]] > rank[colour_of[o]] and \
+        nodes[r][1] in CONVERSE and CONVERSE.get(CONVERSE[nodes[r][1]]) == nodes[r][1]:
+      nodes[r] = (nodes[r][0], CONVERSE[nodes[r][1]])
+      flip.add(r)
+  out = []
+  for s, d, t in edges:
+    if t == "subj" and d in flip:
+      out.append((d, ends[d][0], "obj"))
+    elif t == "obj" and s in flip:
+      out.append((ends[s][1], s, "subj"))
+    else:
+      out.append((s, d, t))
+  return nodes, out

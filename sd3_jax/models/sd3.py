@@ -38,6 +38,14 @@ def graph_of(batch: Mapping[str, Any], prefix: str) -> dict:
   return {k: batch[f"{prefix}_{k}"] for k in GRAPH_KEYS}
 
 
+def target_of(batch: Mapping[str, Any], cond_prefix: str) -> dict:
+  """The gold 3DSG as the graph chain conditioned on `cond_prefix` ('vsg' | 'tsg') must
+  produce it: on that 2DSG's slots where the data stores it so (the anchored grid,
+  `builders.ANCHORED_TARGETS`: prefix 'g3d_vsg' / 'g3d_tsg'), else the 3DSG itself."""
+  anchored = f"g3d_{cond_prefix}"
+  return graph_of(batch, anchored if f"{anchored}_node_tag" in batch else "g3d")
+
+
 def _check_clip_fits(clip, config, text_vocab_size: int) -> None:
   """A pretrained CLIP reads the text chain's own ids, so the tokenizer must be CLIP's."""
   t = clip.text_config

@@ -244,3 +244,65 @@ def test_palette_slots_reject_unkeyed_nodes():
   # The cone has no colour: it, its attribute and the relation to it have no slot; a
   # relation of an object to itself has none either.
   assert slots == [0, 7, None, None, None, None, scenes.CONCEPT_SLOT]
+
+
+def _canonical(triples):
+  from sd3_jax import evaluate
+  return sorted(evaluate.canonical_triple(t) for t in triples)
+
+
+def test_anchored_layout_puts_the_3dsg_on_its_2dsgs_slots():
+  """The anchored grid: every graph places without collisions on 4K + 3·C(K,2) + 1 slots;
+  a 3DSG laid out on a 2DSG's slots holds the 2DSG's objects on the same slots (then the
+  objects it lacks), restates relations from the lower slot without changing what they
+  say, and a graph anchored on itself is the graph unchanged."""
+  from sd3_jax.data import graphs
+  k = 5
+  count = scenes.anchored_slot_count(k)
+  assert count == 5 + 15 + 30 + 1
+  flipped = tail = 0
+  for seed in range(60):
+    _, rec = _record(seed)
+    g3 = graphs.SceneGraph.from_json(rec["scene_3dsg"])
+    for key in ("scene_3dsg", "vsg", "tsg"):  # self-anchored: palette order, no restating
+      g = graphs.SceneGraph.from_json(rec[key])
+      nodes, edges = scenes.orient_to_slots(g.nodes, g.edges)
+      assert (tuple(nodes), sorted(edges)) == (g.nodes, sorted(g.edges)), key
+      slots = scenes.anchored_slots(g.nodes, g.edges, max_objects=k)
+      assert None not in slots and len(set(slots)) == len(slots) and max(slots) < count
+    for key in ("vsg", "tsg"):
+      g2 = graphs.SceneGraph.from_json(rec[key])
+      anchor = scenes.anchor_colours(g2.nodes, g2.edges)
+      nodes, edges = scenes.orient_to_slots(g3.nodes, g3.edges, anchor)
+      flipped += sum(a != b for a, b in zip(nodes, g3.nodes))
+      oriented = graphs.SceneGraph(nodes, edges)
+      assert _canonical(oriented.triples(scenes.COLOUR_RANK)) == \
+          _canonical(g3.triples(scenes.COLOUR_RANK))
+      slots = scenes.anchored_slots(nodes, edges, max_objects=k, anchor=anchor)
+      assert None not in slots and len(set(slots)) == len(slots) and max(slots) < count
+      colour3 = _colour_of(oriented.to_json())
+      at3 = {s: (nodes[i], colour3.get(i)) for i, s in enumerate(slots)}
+      colour2 = _colour_of(rec[key])
+      slots2 = scenes.anchored_slots(g2.nodes, g2.edges, max_objects=k)
+      for i, s in enumerate(slots2):
+        node = g2.nodes[i]
+        if node[0] == "object":
+          assert at3[s][0][0] == "object" and at3[s][1] == colour2[i]
+        elif node[0] == "attribute" and node[1] in scenes.COLOUR_RANK:
+          assert at3[s][0] == node
+      objects3 = sorted(s for s, (n, _) in at3.items() if n[0] == "object")
+      assert objects3 == list(range(len(objects3)))  # objects fill a prefix of the slots
+      tail += len(objects3) > len([n for n in g2.nodes if n[0] == "object"])
+  assert flipped > 0 and tail > 10
+
+
+def test_anchored_slots_reject_objects_past_the_grid():
+  nodes = (("object", "cube"), ("attribute", "red"), ("object", "cone"),
+           ("attribute", "blue"), ("object", "cone"), ("attribute", "green"))
+  edges = ((1, 0, "attr-of"), (3, 2, "attr-of"), (5, 4, "attr-of"))
+  slots = scenes.anchored_slots(nodes, edges, max_objects=2)
+  ranks = sorted(scenes.COLOUR_RANK[c] for c in ("red", "blue", "green"))
+  last = [c for c in ("red", "blue", "green") if scenes.COLOUR_RANK[c] == ranks[-1]][0]
+  i = [j for j in (1, 3, 5) if nodes[j][1] == last][0]
+  assert slots[i - 1] is None and slots[i] is None  # the third colour has no object slot
+  assert sorted(s for s in slots if s is not None) == [0, 1, 2, 5]
