@@ -157,3 +157,37 @@ def test_vsd_builder_on_the_fixture(tmp_path, testdata):
                 for s_, p_, o in want}
       assert sorted(g3d.triples()) == sorted(want)
       assert ex["image"].ndim == 3 and ex["image"].shape[-1] == 3
+
+
+def test_anchored_layout_stores_the_3dsg_on_each_2dsgs_slots(tmp_path):
+  """Under data.graph_layout=anchored each record also packs the 3DSG laid out on the
+  VSG's and on the TSG's slots: the 2DSG's objects sit on the same slots there, and the
+  graph says the same relations as the gold 3DSG."""
+  from sd3_jax import evaluate
+  from sd3_jax.data import scenes
+  cfg = dict(CFG, graph_layout="anchored", max_objects=4, max_nodes=35, num_train=12,
+             num_val=8, num_test=4)
+  info = builders.prepare_spatial_scenes(tmp_path, cfg)
+  vocab = graphs.GraphVocab.load(info["graph_vocab"])
+  builder = builders.spatial_scenes_builder(tmp_path, cfg)
+  prefixes = builder.info.metadata["graph_prefixes"]
+  assert prefixes == ["g3d", "vsg", "tsg", "g3d_vsg", "g3d_tsg"]
+  source = builder.as_data_source("val")
+  canon = lambda g: sorted(evaluate.canonical_triple(t)  # noqa: E731
+                           for t in g.triples(scenes.COLOUR_RANK))
+  tails = 0
+  for i in range(len(source)):
+    unpacked = builders.unpack_graphs(source[i]["graphs"], prefixes, 35, 64)
+    of = lambda p: {k[len(p) + 1:]: v for k, v in unpacked.items()  # noqa: E731
+                    if k.startswith(p + "_") and not k[len(p) + 1:].startswith(("vsg", "tsg"))}
+    gold = graphs.unpad_graph(of("g3d"), vocab)
+    for cond in ("vsg", "tsg"):
+      two_d, target = of(cond), of(f"g3d_{cond}")
+      assert canon(graphs.unpad_graph(target, vocab)) == canon(gold)
+      objects = np.flatnonzero(two_d["node_mask"][:4])
+      # The 2DSG's objects and their colours are on the same slots in its target.
+      np.testing.assert_array_equal(target["node_tag"][objects], two_d["node_tag"][objects])
+      np.testing.assert_array_equal(target["node_tag"][4 + 3 * objects],
+                                    two_d["node_tag"][4 + 3 * objects])
+      tails += int(target["node_mask"][:4].sum() > len(objects))
+  assert tails > 0  # some 2DSG lacks an object the 3DSG has
