@@ -35,10 +35,11 @@ does not change the output. `teacher_dim` builds the teacher projection (so the 
 call, teacher_feats=None, and the teacher call share one parameter tree). `drop_cond` swaps
 the whole condition of an example for a learned null condition (classifier-free guidance).
 
-Aligned slots (`aligned_slots`, what the configs use). The data lays out the 3DSG, the VSG
-and the TSG in one canonical order (objects by colour, their attributes, relations by
-(subject, object), the concept; `data/scenes.py`), so slot i of the 2DSG and slot i of the
-3DSG usually hold the same thing. A learned slot embedding on both sides and the 2DSG code
+Aligned slots (`aligned_slots`, what the configs use). The data lays out the 2DSG and its
+3DSG target on one slot grid (`data.graph_layout`, `data/scenes.py`: under 'anchored' the
+target's objects take the 2DSG's object slots first, then the ones it lacks; attributes
+and pair relations follow their objects), so slot i of the 2DSG and slot i of the 3DSG
+hold the same thing wherever the 2DSG has it. A learned slot embedding on both sides and the 2DSG code
 of the same slot added to each z_t slot make "copy what the 2DSG says, then complete it"
 representable and break the symmetry of the all-[MASK] start: without them every masked
 slot gets bit-identical logits and the best the model can learn is the bag of codes.
