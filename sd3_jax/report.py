@@ -260,9 +260,10 @@ def write_report(workdirs: Sequence, out_dir, *,
   plural = lambda k, word: f"{k} {word}" + ("" if k == 1 else "s")  # noqa: E731
   md = ["# Table 2 on spatial-scenes", "",
         f"{plural(len(runs), 'run')} in {plural(len(rows), 'row')} (a row: runs whose "
-        f"configs differ only in the seed; {'/'.join(map(str, seeds))} seeds a row), "
-        f"{'/'.join(map(str, n))} test samples each; mean ± std over a row's seeds (std "
-        "with ddof=1, from 2 seeds).", "", markdown_table(rows, columns),
+        f"configs differ only in the seed; {'/'.join(map(str, seeds))} "
+        f"seed{'' if seeds == [1] else 's'} a row), {'/'.join(map(str, n))} test samples "
+        "each; mean ± std over a row's seeds (std with ddof=1, shown where a row has 2 or "
+        "more seeds).", "", markdown_table(rows, columns),
         DEFINITIONS, "## Runs", "", markdown_table(per_run, columns)]
   (out_dir / "table.md").write_text("\n".join(md))
   return report
