@@ -55,7 +55,7 @@ def get_config(arg=None):
   # with its attribute slots and per object pair three relation slots; the 3DSG target is
   # laid out on its condition's slots (the VSG's / TSG's objects first, in their order,
   # then the ones they lack), so the chain copies slot by slot and completes the tail.
-  # 'palette' fixes one slot per palette colour (92 slots, ~3x the graph compute);
+  # 'palette' fixes one slot per palette colour (92 slots; stage 3 4.5x, stage 4 2.7x slower);
   # 'sequential' fills slots in node order.
   data.graph_layout = "anchored"
   # = scenes.anchored_slot_count(max_objects): 4 + 12 + 18 + 1; 4 objects: <= 52 edges.
@@ -94,7 +94,7 @@ def get_config(arg=None):
   # (fine-tuned; data.tokenizer must be GPT-2's). None: trained in the project.
   model.vqvae.pretrained = ml_collections.config_dict.placeholder(str)
   model.clip.pretrained = ml_collections.config_dict.placeholder(str)
-  # slot_positions: the decoder knows each node's slot. encoder_layers=0: under the palette
+  # slot_positions: the decoder knows each node's slot. encoder_layers=0: under the slot-grid
   # layout the slots carry the structure, so each node's code is its own content and a
   # visible object has the same code in the VSG as in the 3DSG (copying is the identity).
   model.dgae = ml_collections.ConfigDict(dict(width=64, encoder_layers=0, decoder_layers=2,
@@ -125,9 +125,8 @@ def get_config(arg=None):
   config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, grad_clip=1.0,
                                                 end_lr_factor=0.1, ema_decay=0.99,
                                                 grad_accum_steps=1))
-  # The whole default job takes ~2 hours on 2 CPU cores, most of it the graph chain on the
-  # 92-slot palette grid in stages 3-4 (README: what each stage costs and reaches); scale up
-  # on accelerators.
+  # The whole default job takes ~40 minutes on 2 CPU cores, stage 4 (the dual step) ~17 of
+  # them (README: what each stage costs and reaches); scale up on accelerators.
   # Each stage also pays ~30-40 s of compilation and held-out evaluation on 2 CPU cores.
   # `substeps`: train steps per compiled call (a lax.scan, same results; calls also end at
   # log/checkpoint/sample steps). Each XLA:CPU call maps and zeroes a fresh temp arena
