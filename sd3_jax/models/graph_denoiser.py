@@ -39,10 +39,11 @@ Aligned slots (`aligned_slots`, what the configs use). The data lays out the 2DS
 3DSG target on one slot grid (`data.graph_layout`, `data/scenes.py`: under 'anchored' the
 target's objects take the 2DSG's object slots first, then the ones it lacks; attributes
 and pair relations follow their objects), so slot i of the 2DSG and slot i of the 3DSG
-hold the same thing wherever the 2DSG has it. A learned slot embedding on both sides and the 2DSG code
-of the same slot added to each z_t slot make "copy what the 2DSG says, then complete it"
-representable and break the symmetry of the all-[MASK] start: without them every masked
-slot gets bit-identical logits and the best the model can learn is the bag of codes.
+hold the same thing wherever the 2DSG has it. A learned slot embedding on both sides and
+the 2DSG code of the same slot added to each z_t slot make "copy what the 2DSG says, then
+complete it" representable and break the symmetry of the all-[MASK] start: without them
+every masked slot gets bit-identical logits and the best the model can learn is the bag of
+codes.
 
 Readings of how the 2DSG enters (paper.md §1.1, gap 7): (a), the default, starts the chain
 from all-[MASK] and conditions on the 2DSG as above; (b), the bridge, starts from
