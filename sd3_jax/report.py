@@ -257,13 +257,14 @@ def write_report(workdirs: Sequence, out_dir, *,
     per_run.append(dict(row, label=f"{row['label']} ({name})"))
   n = sorted({int(r["eval"].get("num_samples", 0)) for r in runs.values()})
   seeds = sorted({len(r["seeds"]) for r in rows})
-  plural = lambda k, word: f"{k} {word}" + ("" if str(k) == "1" else "s")  # noqa: E731
+  # `count` is a number or a "1/2"-style list of counts; only a lone 1 is singular.
+  plural = lambda count, word: f"{count} {word}" + ("" if str(count) == "1" else "s")  # noqa: E731
   md = ["# Table 2 on spatial-scenes", "",
         f"{plural(len(runs), 'run')} in {plural(len(rows), 'row')} (a row: runs whose "
         f"configs differ only in the seed; {plural('/'.join(map(str, seeds)), 'seed')} a "
         f"row), {'/'.join(map(str, n))} test samples each; mean ± std over a row's seeds "
-        "(std with ddof=1, shown where a row has 2 or more seeds).", "", markdown_table(rows, columns),
-        DEFINITIONS, "## Runs", "", markdown_table(per_run, columns)]
+        "(std with ddof=1, shown where a row has 2 or more seeds).", "",
+        markdown_table(rows, columns), DEFINITIONS, "## Runs", "", markdown_table(per_run, columns)]
   (out_dir / "table.md").write_text("\n".join(md))
   return report
 
