@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The Table-2 ablation on spatial-scenes: 4 variants x 3 seeds, then the report.
 #   bash launch/ablation.sh [OUT_DIR]     (default /tmp/sd3_ablation)
-# Per seed, the stages the variants share are trained once and copied, which is exact (same
-# seed, same data order, same code path): 0a/0b are common to all four variants, 1-3 to
-# singleton_3d and sd3; each variant then trains its own stage 4 and is evaluated.
+# Per seed, the stages the variants share are trained once, in the SD³ run, and copied, which
+# is exact (same seed, same data order, same code path): 0a/0b are common to all four
+# variants, 1-3 to singleton_3d and sd3; each variant then trains its own stage 4 and is
+# evaluated. The SD³ run is the default job's (experiments/ablation.py), ~43 min on 2 cores;
+# each other variant then costs its stage 4 alone (~77 min a seed in all).
 # Resumable: a run whose workdir has summary.json is skipped, an interrupted one resumes
 # from its checkpoints. The data is generated once, in OUT_DIR/data.
 # Writes OUT_DIR/table.md (mean ± std over seeds) and OUT_DIR/table.json.
@@ -50,9 +52,9 @@ run() {  # run VARIANT SEED [SOURCE_WORKDIR STAGE...]: copy finished stages, the
 
 workdirs=()
 for s in $SEEDS; do
-  run singleton "$s"
-  run vanilla_dual "$s" "$OUT/singleton-s$s" 0a 0b
-  run singleton_3d "$s" "$OUT/singleton-s$s" 0a 0b
-  run sd3 "$s" "$OUT/singleton_3d-s$s" 0a 0b 1 2 3
+  run sd3 "$s"
+  run singleton "$s" "$OUT/sd3-s$s" 0a 0b
+  run vanilla_dual "$s" "$OUT/sd3-s$s" 0a 0b
+  run singleton_3d "$s" "$OUT/sd3-s$s" 0a 0b 1 2 3
 done
 python -m sd3_jax.report --out="$OUT" "${workdirs[@]}"
