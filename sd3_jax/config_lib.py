@@ -182,6 +182,12 @@ def validate(config) -> None:
   num("stage1.min_edge_f1", low=0, high=1)
   for key in ("image", "text", "graph", "kl", "teacher", "dual", "length"):
     num(f"loss.{key}", low=0)
+  num("loss.teacher_stride", low=1, integer=True)
+  stride = _at(config, "loss.teacher_stride")
+  if (isinstance(stride, int) and isinstance(batch, int) and isinstance(accum, int)
+      and stride > 0 and accum > 0 and (batch // accum) % stride):
+    errors.append(f"data.batch_size={batch} / optim.grad_accum_steps={accum} must be "
+                  f"divisible by loss.teacher_stride={stride}")
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
               "curve_examples"):
     num(f"train.{key}", low=1, integer=True)

@@ -61,6 +61,27 @@ def test_dual_loss_is_the_weighted_sum_of_its_terms(tiny_config):
   assert all(np.isfinite(v) for v in metrics.values())
 
 
+def test_teacher_stride_feeds_the_teachers_every_kth_example_only(tiny_config):
+  """Rows 1, 3, ... get a NaN image: with stride 2 the teacher loss and the KL, computed on
+  rows 0, 2, ..., stay finite (nothing mixes rows); with stride 1 they are NaN."""
+  config, model, batch = _setup(tiny_config, "sd3")
+  params, model_state = jax.jit(lambda r, b: __import__("flax").linen.meta.unbox(
+      model.init(r, b)))(jax.random.key(0), batch)
+  batch = dict(batch, image=jnp.asarray(batch["image"]).at[1::2].set(jnp.nan))
+
+  def metrics_at(stride):
+    cfg = config.copy_and_resolve_references()
+    cfg.loss.teacher_stride = stride
+    _, (_, m) = jax.jit(lambda p, s, b: steps.loss_4(model, cfg, p, s, b, jax.random.key(1)))(
+        params, model_state, batch)
+    return jax.device_get(m)
+
+  strided, full = metrics_at(2), metrics_at(1)
+  assert np.isfinite(strided["teacher"]) and np.isfinite(strided["kl"])
+  assert np.isnan(full["teacher"]) and np.isnan(full["kl"])
+  assert np.isnan(strided["i23d"])  # the students still see every row
+
+
 def test_stages_follow_the_variant(tiny_config):
   config, _ = tiny_config
   config = config.copy_and_resolve_references()
