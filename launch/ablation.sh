@@ -8,8 +8,10 @@
 # each other variant then costs its stage 4 alone (~77 min a seed in all).
 # Resumable: a run whose workdir has summary.json is skipped, an interrupted one resumes
 # from its checkpoints. The data is generated once, in OUT_DIR/data.
-# Writes OUT_DIR/table.md (mean ± std over seeds) and OUT_DIR/table.json.
-# MODE=eval re-scores the finished runs (e.g. after a metric changed) without training.
+# Writes OUT_DIR/table.md (mean ± std over seeds, SD³ minus each variant with bootstrap 95%
+# intervals, the Table-4 block), OUT_DIR/ablation.png and OUT_DIR/table.json.
+# MODE=eval re-scores the finished runs that lack results.json or eval_examples.json (e.g.
+# after a metric changed, or runs from before per-example results) without training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-/tmp/sd3_ablation}"
@@ -24,7 +26,7 @@ run() {  # run VARIANT SEED [SOURCE_WORKDIR STAGE...]: copy finished stages, the
   shift 2
   workdirs+=("$wd")
   if [ "$MODE" = eval ]; then
-    [ -f "$wd/results.json" ] && return
+    [ -f "$wd/results.json" ] && [ -f "$wd/eval_examples.json" ] && return
     python -m sd3_jax.main --config="experiments/ablation.py:variant=$v" --config.seed="$s" \
       --config.data.dir="$OUT/data" --workdir="$wd" --config.mode=eval \
       > >(tee -a "$OUT/$v-s$s.eval.log") 2>&1

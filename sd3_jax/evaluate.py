@@ -10,6 +10,7 @@ directions go to the workdir.
 """
 import collections
 import functools
+import json
 import pathlib
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,6 +21,7 @@ import numpy as np
 from sd3_jax import generate
 from sd3_jax import metrics as metrics_lib
 from sd3_jax import pretrained
+from sd3_jax import report
 from sd3_jax import sharding as sharding_lib
 from sd3_jax import steps
 from sd3_jax import visualize
@@ -545,6 +547,14 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
   real_images = np.stack([ex["real_image"] for ex in examples])
   out_dir = pathlib.Path(workdir) / "samples"
   if jax.process_index() == 0:
+    # Per-example hits and triple counts: what the report's bootstrap intervals resample.
+    per_example = [
+        {"index": ex["index"], "st2i_hits": [bool(h) for h in ex["image_hits"]],
+         "si2t_hits": [bool(h) for h in hits],
+         **{k: [int(c) for c in np.ravel(ex[k])] for k in
+            ("from_vsg", "from_tsg", "copy_vsg", "copy_tsg") if k in ex}}
+        for ex, hits in zip(examples, caption_hits)]
+    (pathlib.Path(workdir) / report.EXAMPLES_FILE).write_text(json.dumps(per_example))
     visualize.save_grid(out_dir / f"st2i_{tag}.png",
                         np.stack([ex["gen_image"] for ex in examples[:32]]), prompts[:32])
     visualize.save_grid(out_dir / f"si2t_{tag}.png", real_images[:32], captions[:32])

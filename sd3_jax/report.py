@@ -5,8 +5,11 @@ COMMAND:
 
 Each workdir is a finished run: `results.json` (written by `--config.mode=eval`) or else
 `summary.json` (training), whose "eval" entry is `evaluate.spatial_eval`'s result, and
-`config.json` for its variant and seed. Writes `DIR/table.json` (every run and the
-aggregate) and `DIR/table.md` (the table). The paper's Table-2 columns come first
+`config.json` for its variant and seed, and `eval_examples.json` (per-example results) where
+the run has it. Writes `DIR/table.json` (every run, the aggregate and the differences),
+`DIR/table.md` (the table; SD³ minus each other row with paired-bootstrap 95% intervals; the
+3DSG block in the shape of the paper's Table 4) and, for two rows or more,
+`DIR/ablation.png` (bars with intervals). The paper's Table-2 columns come first
 (FID, IS, CLIP; BLEU-4, SPICE), then CIDEr, METEOR, CLIPScore under the project's own
 encoders, TriRec and the exact spatial accuracies. Blank cells carry a footnote with the
 reason the metric is missing. The std is over seeds (ddof=1), shown from 2 seeds on.
@@ -42,6 +45,8 @@ COLUMNS = (
     Column("ST2I TriRec ↑", "st2i/trirec", 100.0),
     Column("SI2T TriRec ↑", "si2t/trirec", 100.0),
     Column("3DSG TriRec ↑", "graph/trirec_from_tsg", 100.0),
+    Column("3DSG F1 (VSG) ↑", "graph/trif1_from_vsg", 100.0),
+    Column("3DSG F1 (TSG) ↑", "graph/trif1_from_tsg", 100.0),
     Column("ST2I spatial acc ↑", "st2i/spatial_acc", 100.0),
     Column("SI2T spatial acc ↑", "si2t/spatial_acc", 100.0),
 )
@@ -64,10 +69,30 @@ Metric definitions (spatial-scenes; see `sd3_jax/evaluate.py::spatial_eval`):
   caption parser finds in the generated caption.
 - 3DSG TriRec: (subject, relation, object) tag triples of the gold 3DSG found in the 3DSG
   generated from the prompt's TSG.
+- 3DSG F1 (VSG / TSG): triple F1 of the 3DSG generated from the VSG / TSG against the gold
+  3DSG (objects by colour, converse-invariant).
 - ST2I spatial acc: relations stated by the prompt that hold in the generated image (the
   verifier). SI2T spatial acc: relations stated by the generated caption that hold in the
   gold 3DSG (objects matched by colour, size and shape).
 """
+
+# `evaluate.spatial_eval`'s per-example hits and triple counts, next to the run's results:
+# what the bootstrap intervals resample.
+EXAMPLES_FILE = "eval_examples.json"
+
+# The figures with a bootstrap interval: key -> (per-example field, kind). "hits": a list of
+# booleans (accuracy = all hits / all relations); "triples": (matched, predicted, gold)
+# counts (F1 = 2 matched / (predicted + gold)), summed over the examples drawn.
+INTERVAL_FIGURES = {
+    "st2i/spatial_acc": ("st2i_hits", "hits"),
+    "si2t/spatial_acc": ("si2t_hits", "hits"),
+    "graph/trif1_from_vsg": ("from_vsg", "triples"),
+    "graph/trif1_from_tsg": ("from_tsg", "triples"),
+}
+FIGURE_NAMES = {"st2i/spatial_acc": "ST2I spatial acc", "si2t/spatial_acc": "SI2T spatial acc",
+                "graph/trif1_from_vsg": "3DSG F1 from the VSG",
+                "graph/trif1_from_tsg": "3DSG F1 from the TSG"}
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def load_run(workdir) -> dict[str, Any]:
@@ -92,8 +117,20 @@ def load_run(workdir) -> dict[str, Any]:
     raise schema.DataError("no 'eval' entry: the run did not reach the final evaluation "
                            "(stage 4 and data.name=spatial_scenes)", file=str(path),
                            field="eval")
-  return {"workdir": str(workdir), "variant": str(cfg["variant"]), "seed": int(cfg["seed"]),
-          "source": name, "eval": data["eval"], "config": cfg}
+  run = {"workdir": str(workdir), "variant": str(cfg["variant"]), "seed": int(cfg["seed"]),
+         "source": name, "eval": data["eval"], "config": cfg}
+  examples_file = workdir / EXAMPLES_FILE
+  if examples_file.exists():
+    try:
+      examples = json.loads(examples_file.read_text())
+    except json.JSONDecodeError as e:
+      raise schema.DataError(f"bad JSON: {e}", file=str(examples_file)) from e
+    if not isinstance(examples, list) or not all(isinstance(x, dict) and "index" in x
+                                                 for x in examples):
+      raise schema.DataError("expected a list of per-example objects with an 'index'",
+                             file=str(examples_file))
+    run["examples"] = examples
+  return run
 
 
 # Config keys that say where a run lives or how it was started, not what it trained: runs
@@ -233,6 +270,165 @@ def markdown_table(rows: Sequence[Mapping[str, Any]],
   return "\n".join(lines) + "\n"
 
 
+def _per_example(run: Mapping[str, Any], key: str, indices: Sequence[int]):
+  """(numerator, denominator) arrays of figure `key` over `indices` of one run's examples,
+  or None when the run lacks them."""
+  field, kind = INTERVAL_FIGURES[key]
+  by_index = {int(x["index"]): x for x in run.get("examples", ())}
+  if any(i not in by_index or field not in by_index[i] for i in indices):
+    return None
+  rows = [by_index[i][field] for i in indices]
+  if kind == "hits":
+    return (np.array([sum(map(bool, r)) for r in rows], float),
+            np.array([len(r) for r in rows], float))
+  counts = np.array(rows, float).reshape(len(rows), 3)
+  return 2 * counts[:, 0], counts[:, 1] + counts[:, 2]
+
+
+def _ratio(num, den):
+  """Sum of numerators over sum of denominators along the last axis (0 where none)."""
+  total = den.sum(-1)
+  return np.where(total > 0, num.sum(-1) / np.maximum(total, 1e-12), 0.0)
+
+
+def bootstrap(groups: Sequence[Sequence[Mapping[str, Any]]], key: str, *,
+              resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Optional[dict]:
+  """Mean over seeds of figure `key` for each group of runs (a row's seeds), and, for two
+  groups, of group 0 minus group 1, with a 95% percentile interval.
+
+  Each resample draws the test examples with replacement, the same draw for every run (the
+  groups were scored on the same test examples, so a difference is paired), and each
+  group's seeds with replacement. Only the examples every run has enter. None when a run
+  has no per-example results (`EXAMPLES_FILE`).
+  """
+  sets = [{int(x["index"]) for x in run.get("examples", ())} for g in groups for run in g]
+  common = sorted(set.intersection(*sets)) if sets else []
+  if not common:
+    return None
+  arrays = [[_per_example(run, key, common) for run in g] for g in groups]
+  if any(a is None for g in arrays for a in g):
+    return None
+  rng = np.random.default_rng(seed)
+  draw = rng.integers(0, len(common), (resamples, len(common)))
+  means, boots = [], []
+  for g in arrays:
+    per_run = np.stack([_ratio(num, den) for num, den in g])  # [runs]
+    per_run_boot = np.stack([_ratio(num[draw], den[draw]) for num, den in g])  # [runs, R]
+    seeds = rng.integers(0, len(g), (resamples, len(g)))
+    means.append(float(per_run.mean()))
+    boots.append(per_run_boot[seeds, np.arange(resamples)[:, None]].mean(-1))  # [R]
+  out = {"mean": means, "examples": len(common), "seeds": [len(g) for g in groups],
+         "interval": [[float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))]
+                      for b in boots]}
+  if len(groups) == 2:
+    diff = boots[0] - boots[1]
+    out["difference"] = means[0] - means[1]
+    out["difference_interval"] = [float(np.percentile(diff, 2.5)),
+                                  float(np.percentile(diff, 97.5))]
+  return out
+
+
+def differences(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Mapping[str, Any]]
+                ) -> list[dict[str, Any]]:
+  """SD³'s rows against every other row, per `INTERVAL_FIGURES` key: `bootstrap` of the two
+  rows' runs (None where either lacks the figure or its per-example results)."""
+  out = []
+  for a in (r for r in rows if r["variant"] == "sd3"):
+    for b in (r for r in rows if r["variant"] != "sd3"):
+      figures = {}
+      for key in INTERVAL_FIGURES:
+        if a["cells"][key]["mean"] is None or b["cells"][key]["mean"] is None:
+          continue
+        figures[key] = bootstrap([[runs[n] for n in a["runs"]], [runs[n] for n in b["runs"]]],
+                                 key)
+      out.append({"row": a["label"], "against": b["label"], "figures": figures})
+  return out
+
+
+def differences_markdown(diffs: Sequence[Mapping[str, Any]]) -> str:
+  lines = ["| SD³ row | minus | " + " | ".join(FIGURE_NAMES.values()) + " |",
+           "|---|---|" + "---|" * len(FIGURE_NAMES)]
+  for d in diffs:
+    cells = []
+    for key in FIGURE_NAMES:
+      f = d["figures"].get(key, "n/a")
+      if f == "n/a":
+        cells.append("n/a (no 3DSG)")
+      elif f is None:
+        cells.append(f"no {EXAMPLES_FILE}")
+      else:
+        lo, hi = f["difference_interval"]
+        mark = "" if lo <= 0 <= hi else " *"
+        cells.append(f"{100 * f['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}")
+    lines.append(f"| {d['row']} | {d['against']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+TABLE_4 = (("VSG (copy)", "copy_vsg"), ("3DSG from the VSG", "from_vsg"),
+           ("TSG (copy)", "copy_tsg"), ("3DSG from the TSG", "from_tsg"))
+
+
+def table_4_markdown(rows: Sequence[Mapping[str, Any]],
+                     runs: Mapping[str, Mapping[str, Any]]) -> str:
+  """Paper Table 4's shape: TriRec / triple precision of the 2DSGs and of the 3DSG each
+  graph variant generates from them, ×100, mean over a row's seeds."""
+  lines = ["| Variant | " + " | ".join(name for name, _ in TABLE_4) + " |",
+           "|---|" + "---|" * len(TABLE_4)]
+  for row in rows:
+    evals = [runs[n]["eval"] for n in row["runs"]]
+    if all(e.get("graph/trirec_from_vsg") is None for e in evals):
+      continue
+    cells = []
+    for _, suffix in TABLE_4:
+      rec = [e[f"graph/trirec_{suffix}"] for e in evals if e.get(f"graph/trirec_{suffix}")
+             is not None]
+      prec = [e[f"graph/triprec_{suffix}"] for e in evals
+              if e.get(f"graph/triprec_{suffix}") is not None]
+      cells.append(f"{100 * np.mean(rec):.1f} / {100 * np.mean(prec):.1f}" if rec and prec
+                   else "")
+    lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def save_ablation_plot(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Mapping[str, Any]],
+                       path) -> Optional[pathlib.Path]:
+  """`ablation.png`: one panel per `INTERVAL_FIGURES` key, a bar per row (mean over its
+  seeds) with its bootstrap 95% interval, or ± std over seeds without per-example results."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(FIGURE_NAMES), figsize=(3.6 * len(FIGURE_NAMES), 3.4))
+  for ax, (key, name) in zip(axes, FIGURE_NAMES.items()):
+    labels, means, errors, colours = [], [], [], []
+    for i, row in enumerate(rows):  # a row keeps its colour in every panel
+      cell = row["cells"][key]
+      if cell["mean"] is None:
+        continue
+      boot = bootstrap([[runs[n] for n in row["runs"]]], key)
+      if boot is not None:
+        mean, (lo, hi) = boot["mean"][0], boot["interval"][0]
+        err = (mean - lo, hi - mean)
+      else:
+        mean, err = cell["mean"], (cell["std"] or 0.0,) * 2
+      labels.append(row["label"])
+      means.append(100 * mean)
+      errors.append((100 * err[0], 100 * err[1]))
+      colours.append(f"C{i}")
+    if labels:
+      ax.bar(range(len(labels)), means, yerr=np.array(errors).T, capsize=4, color=colours)
+      ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+    else:
+      ax.text(0.5, 0.5, "no row has it", ha="center", va="center", transform=ax.transAxes)
+      ax.set_xticks([])
+    ax.set_title(name, fontsize=9)
+    ax.set_ylim(0, 100)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
 def _run_names(workdirs: Sequence[str]) -> list[str]:
   names = [pathlib.Path(w).name for w in workdirs]
   return names if len(set(names)) == len(names) else [str(w) for w in workdirs]
@@ -247,8 +443,9 @@ def write_report(workdirs: Sequence, out_dir, *,
   rows = table_rows(runs, columns)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  diffs = differences(rows, runs)
   report = {"columns": [dataclasses.asdict(c) for c in columns], "aggregate": rows,
-            "runs": runs}
+            "differences": diffs, "runs": runs}
   (out_dir / "table.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
   per_run = []
   for name, run in sorted(runs.items(),
@@ -264,8 +461,21 @@ def write_report(workdirs: Sequence, out_dir, *,
         f"configs differ only in the seed; {plural('/'.join(map(str, seeds)), 'seed')} a "
         f"row), {'/'.join(map(str, n))} test samples each; mean ± std over a row's seeds "
         "(std with ddof=1, shown where a row has 2 or more seeds).", "",
-        markdown_table(rows, columns), DEFINITIONS, "## Runs", "", markdown_table(per_run, columns)]
+        markdown_table(rows, columns), DEFINITIONS]
+  if diffs:
+    md += ["## SD³ minus each other row", "",
+           f"×100, with a 95% interval: a paired bootstrap over the test examples "
+           f"({BOOTSTRAP_RESAMPLES} resamples; each resample also draws each row's seeds with "
+           "replacement); * where the interval excludes 0.", "", differences_markdown(diffs)]
+  graph_block = table_4_markdown(rows, runs)
+  if len(graph_block.splitlines()) > 2:
+    md += ["## The 3DSG (the shape of the paper's Table 4)", "",
+           "TriRec / triple precision ×100 against the gold 3DSG: the 2DSG copied as it is, "
+           "and the 3DSG the row's graph chain generates from it.", "", graph_block]
+  md += ["## Runs", "", markdown_table(per_run, columns)]
   (out_dir / "table.md").write_text("\n".join(md))
+  if len(rows) > 1:
+    save_ablation_plot(rows, runs, out_dir / "ablation.png")
   return report
 
 

@@ -45,6 +45,13 @@ def test_train_then_eval_then_generate(sd3_workdir):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert list(summary["stage_seconds"]) == ["0a", "0b", "1", "2", "3", "4"]
   assert 0.0 <= summary["eval"]["st2i/spatial_acc"] <= 1.0
+  # Per-example results, which the report's bootstrap intervals resample, agree with the
+  # run's figures.
+  examples = json.loads((tmp_path / "eval_examples.json").read_text())
+  assert len(examples) == summary["eval"]["num_samples"]
+  hits = [h for ex in examples for h in ex["st2i_hits"]]
+  assert summary["eval"]["st2i/spatial_acc"] == pytest.approx(sum(hits) / max(len(hits), 1))
+  assert all(len(ex["from_vsg"]) == 3 for ex in examples)
   assert "vqvae/codebook_usage" in summary["stage0a"]
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert {r["stage"] for r in rows} == {"stage0a", "stage0b", "stage1", "stage2", "stage3",

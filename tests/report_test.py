@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sd3_jax import report
@@ -142,3 +143,84 @@ def test_cli(tmp_path):
   assert run.returncode == 0, run.stderr[-2000:]
   assert "| SD³ | 0,1,2 |" in run.stdout
   assert (tmp_path / "r" / "table.md").exists()
+
+
+def _examples(hits_per_example, graph=None):
+  """Per-example results: one stated relation per example, hit or not."""
+  out = []
+  for i, hit in enumerate(hits_per_example):
+    ex = {"index": i, "st2i_hits": [bool(hit)], "si2t_hits": [bool(hit)]}
+    if graph is not None:
+      ex["from_vsg"] = ex["from_tsg"] = list(graph[i])
+    out.append(ex)
+  return out
+
+
+def _run_with_examples(variant, seed, examples):
+  return {"variant": variant, "seed": seed, "examples": examples, "eval": {}}
+
+
+def test_bootstrap_interval_matches_the_binomial_one():
+  """One relation per example at accuracy p: the percentile interval is close to
+  p ± 1.96·sqrt(p(1-p)/n), and the mean is the plain accuracy."""
+  rng = np.random.default_rng(1)
+  hits = rng.random(400) < 0.3
+  run = _run_with_examples("sd3", 0, _examples(hits))
+  boot = report.bootstrap([[run]], "st2i/spatial_acc", resamples=4000)
+  p, n = hits.mean(), len(hits)
+  assert boot["mean"][0] == pytest.approx(p)
+  half = 1.96 * np.sqrt(p * (1 - p) / n)
+  lo, hi = boot["interval"][0]
+  assert lo == pytest.approx(p - half, abs=0.01) and hi == pytest.approx(p + half, abs=0.01)
+
+
+def test_paired_bootstrap_difference():
+  """The same examples scored by two runs: identical runs differ by exactly 0 in every
+  resample; a run that also gets 40 more of 200 examples right differs by +0.2, and its
+  paired interval is far narrower than two independent intervals would be."""
+  rng = np.random.default_rng(2)
+  base = rng.random(200) < 0.4
+  better = base.copy()
+  better[np.flatnonzero(~base)[:40]] = True
+  a = _run_with_examples("sd3", 0, _examples(better))
+  b = _run_with_examples("singleton", 0, _examples(base))
+  same = report.bootstrap([[b], [b]], "si2t/spatial_acc")
+  assert same["difference"] == 0 and same["difference_interval"] == [0.0, 0.0]
+  diff = report.bootstrap([[a], [b]], "si2t/spatial_acc")
+  assert diff["difference"] == pytest.approx(0.2)
+  lo, hi = diff["difference_interval"]
+  assert 0.14 < lo < 0.2 < hi < 0.26  # paired: only the 40 changed examples vary
+  # The triple F1: 2·matched / (predicted + gold), summed over the examples drawn.
+  graph = [(1, 2, 2), (0, 1, 3)] * 10
+  g = report.bootstrap([[_run_with_examples("sd3", 0, _examples([1, 0] * 10, graph))]],
+                       "graph/trif1_from_vsg")
+  assert g["mean"][0] == pytest.approx(2 * 10 / (30 + 50))
+  # A run without per-example results has no interval.
+  assert report.bootstrap([[a], [dict(b, examples=[])]], "si2t/spatial_acc") is None
+
+
+def test_report_writes_differences_table_4_and_plot(tmp_path):
+  rng = np.random.default_rng(3)
+  dirs = []
+  for variant, p, graph in (("sd3", 0.6, (3, 4, 5)), ("singleton", 0.2, None)):
+    ev = {"num_samples": 64, "st2i/spatial_acc": p, "si2t/spatial_acc": p,
+          "graph/trif1_from_vsg": None if graph is None else 6 / 9}
+    if graph is not None:
+      for suffix in ("copy_vsg", "from_vsg", "copy_tsg", "from_tsg"):
+        ev[f"graph/trirec_{suffix}"], ev[f"graph/triprec_{suffix}"] = 0.6, 0.75
+    d = _workdir(tmp_path, f"{variant}-s0", {"variant": variant, "seed": 0, "eval": ev})
+    examples = _examples(rng.random(64) < p, None if graph is None else [graph] * 64)
+    (d / report.EXAMPLES_FILE).write_text(json.dumps(examples))
+    dirs.append(d)
+  out = report.write_report(dirs, tmp_path / "r")
+  (diff,) = out["differences"]
+  assert diff["row"] == "SD³" and diff["against"] == "Singleton"
+  assert set(diff["figures"]) == {"st2i/spatial_acc", "si2t/spatial_acc"}  # no 3DSG in one
+  md = (tmp_path / "r" / "table.md").read_text()
+  assert "## SD³ minus each other row" in md and "n/a (no 3DSG)" in md
+  assert "| SD³ | 60.0 / 75.0 | 60.0 / 75.0 | 60.0 / 75.0 | 60.0 / 75.0 |" in md
+  assert "| Singleton | 6" not in md.split("Table 4")[1].split("## Runs")[0]  # no 3DSG row
+  assert (tmp_path / "r" / "ablation.png").stat().st_size > 1000
+  (dirs[0] / report.EXAMPLES_FILE).write_text(json.dumps([{"no_index": 1}]))
+  with pytest.raises(schema.DataError, match="index"):
+    report.load_run(dirs[0])
