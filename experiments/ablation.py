@@ -12,8 +12,8 @@ Arguments (after the colon): `variant=singleton|singleton_3d|vanilla_dual|sd3`, 
 `experiments/spatial_scenes.py`'s: the variants differ only in the terms the variant switches
 (steps.VARIANTS), so the table compares the paper's methods at the recipe whose figures the
 README reports, not a smaller model at chance level. On 2 CPU cores one seed costs ~77 min
-(SD³ 43, Singleton + 3D ~15 of its own stage 4, Singleton ~10, Vanilla Dual ~9); share
-`data.dir` between runs so the data is generated once.
+alone (SD³ 43, then each other variant its own stage 4: Singleton + 3D ~15, Singleton ~10,
+Vanilla Dual ~9); share `data.dir` between runs so the data is generated once.
 """
 import pathlib
 

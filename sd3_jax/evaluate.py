@@ -554,6 +554,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
          **{k: [int(c) for c in np.ravel(ex[k])] for k in
             ("from_vsg", "from_tsg", "copy_vsg", "copy_tsg") if k in ex}}
         for ex, hits in zip(examples, caption_hits)]
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(workdir) / report.EXAMPLES_FILE).write_text(json.dumps(per_example))
     visualize.save_grid(out_dir / f"st2i_{tag}.png",
                         np.stack([ex["gen_image"] for ex in examples[:32]]), prompts[:32])
