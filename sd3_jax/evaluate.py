@@ -554,8 +554,8 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
          **{k: [int(c) for c in np.ravel(ex[k])] for k in
             ("from_vsg", "from_tsg", "copy_vsg", "copy_tsg") if k in ex}}
         for ex, hits in zip(examples, caption_hits)]
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(workdir) / report.EXAMPLES_FILE).write_text(json.dumps(per_example))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    (out_dir.parent / report.EXAMPLES_FILE).write_text(json.dumps(per_example))
     visualize.save_grid(out_dir / f"st2i_{tag}.png",
                         np.stack([ex["gen_image"] for ex in examples[:32]]), prompts[:32])
     visualize.save_grid(out_dir / f"si2t_{tag}.png", real_images[:32], captions[:32])

@@ -80,18 +80,15 @@ Metric definitions (spatial-scenes; see `sd3_jax/evaluate.py::spatial_eval`):
 # what the bootstrap intervals resample.
 EXAMPLES_FILE = "eval_examples.json"
 
-# The figures with a bootstrap interval: key -> (per-example field, kind). "hits": a list of
-# booleans (accuracy = all hits / all relations); "triples": (matched, predicted, gold)
-# counts (F1 = 2 matched / (predicted + gold)), summed over the examples drawn.
+# The figures with a bootstrap interval: key -> (name, per-example field, kind). "hits": a
+# list of booleans (accuracy = all hits / all relations); "triples": (matched, predicted,
+# gold) counts (F1 = 2 matched / (predicted + gold)), summed over the examples drawn.
 INTERVAL_FIGURES = {
-    "st2i/spatial_acc": ("st2i_hits", "hits"),
-    "si2t/spatial_acc": ("si2t_hits", "hits"),
-    "graph/trif1_from_vsg": ("from_vsg", "triples"),
-    "graph/trif1_from_tsg": ("from_tsg", "triples"),
+    "st2i/spatial_acc": ("ST2I spatial acc", "st2i_hits", "hits"),
+    "si2t/spatial_acc": ("SI2T spatial acc", "si2t_hits", "hits"),
+    "graph/trif1_from_vsg": ("3DSG F1 from the VSG", "from_vsg", "triples"),
+    "graph/trif1_from_tsg": ("3DSG F1 from the TSG", "from_tsg", "triples"),
 }
-FIGURE_NAMES = {"st2i/spatial_acc": "ST2I spatial acc", "si2t/spatial_acc": "SI2T spatial acc",
-                "graph/trif1_from_vsg": "3DSG F1 from the VSG",
-                "graph/trif1_from_tsg": "3DSG F1 from the TSG"}
 BOOTSTRAP_RESAMPLES = 2000
 
 
@@ -121,12 +118,8 @@ def load_run(workdir) -> dict[str, Any]:
          "source": name, "eval": data["eval"], "config": cfg}
   examples_file = workdir / EXAMPLES_FILE
   if examples_file.exists():
-    try:
-      examples = json.loads(examples_file.read_text())
-    except json.JSONDecodeError as e:
-      raise schema.DataError(f"bad JSON: {e}", file=str(examples_file)) from e
-    if not isinstance(examples, list) or not all(isinstance(x, dict) and "index" in x
-                                                 for x in examples):
+    examples = _read_json(examples_file, list)
+    if not all(isinstance(x, dict) and "index" in x for x in examples):
       raise schema.DataError("expected a list of per-example objects with an 'index'",
                              file=str(examples_file))
     run["examples"] = examples
@@ -155,13 +148,14 @@ def _experiment(run: Mapping[str, Any]) -> tuple:
                       if k not in NOT_THE_EXPERIMENT))
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: pathlib.Path, kind: type = dict):
   try:
     data = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise schema.DataError(f"bad JSON: {e}", file=str(path)) from e
-  if not isinstance(data, dict):
-    raise schema.DataError("expected a JSON object", file=str(path))
+  if not isinstance(data, kind):
+    raise schema.DataError(f"expected a JSON {'object' if kind is dict else 'list'}",
+                           file=str(path))
   return data
 
 
@@ -273,7 +267,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]],
 def _per_example(run: Mapping[str, Any], key: str, indices: Sequence[int]):
   """(numerator, denominator) arrays of figure `key` over `indices` of one run's examples,
   or None when the run lacks them."""
-  field, kind = INTERVAL_FIGURES[key]
+  _, field, kind = INTERVAL_FIGURES[key]
   by_index = {int(x["index"]): x for x in run.get("examples", ())}
   if any(i not in by_index or field not in by_index[i] for i in indices):
     return None
@@ -346,13 +340,13 @@ def differences(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Mapping[st
 
 
 def differences_markdown(diffs: Sequence[Mapping[str, Any]]) -> str:
-  lines = ["| SD³ row | minus | " + " | ".join(FIGURE_NAMES.values()) + " |",
-           "|---|---|" + "---|" * len(FIGURE_NAMES)]
+  lines = ["| SD³ row | minus | " + " | ".join(n for n, _, _ in INTERVAL_FIGURES.values())
+           + " |", "|---|---|" + "---|" * len(INTERVAL_FIGURES)]
   for d in diffs:
     cells = []
-    for key in FIGURE_NAMES:
-      f = d["figures"].get(key, "n/a")
-      if f == "n/a":
+    for key in INTERVAL_FIGURES:
+      f = d["figures"].get(key)
+      if key not in d["figures"]:
         cells.append("n/a (no 3DSG)")
       elif f is None:
         cells.append(f"no {EXAMPLES_FILE}")
@@ -397,8 +391,9 @@ def save_ablation_plot(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Map
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(FIGURE_NAMES), figsize=(3.6 * len(FIGURE_NAMES), 3.4))
-  for ax, (key, name) in zip(axes, FIGURE_NAMES.items()):
+  fig, axes = plt.subplots(1, len(INTERVAL_FIGURES),
+                           figsize=(3.6 * len(INTERVAL_FIGURES), 3.4))
+  for ax, (key, (name, _, _)) in zip(axes, INTERVAL_FIGURES.items()):
     labels, means, errors, colours = [], [], [], []
     for i, row in enumerate(rows):  # a row keeps its colour in every panel
       cell = row["cells"][key]
