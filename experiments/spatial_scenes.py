@@ -175,7 +175,10 @@ def get_config(arg=None):
       num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=2.0,
       batch_size=64, split="test",
       # ancestral | confidence per chain (generate._sample).
-      image_sampler="ancestral", text_sampler="confidence", graph_sampler="confidence"))
+      image_sampler="ancestral", text_sampler="confidence", graph_sampler="confidence",
+      # What the 3D->X chains are conditioned on: the 3DSG the graph chain generates, or
+      # (an oracle, to measure how much the graph chain costs) the gold one.
+      graph_condition="generated"))
   # Local files for the paper's metrics (nothing is downloaded); unset -> that table cell is
   # blank with the reason. FID/IS: the FID InceptionV3 .pth; CLIP score: a HF CLIP directory;
   # METEOR / SPICE: directories with their jars (Java needed).

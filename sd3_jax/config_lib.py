@@ -204,5 +204,6 @@ def validate(config) -> None:
   for key in ("image_sampler", "text_sampler", "graph_sampler"):
     pick(f"eval.{key}", samplers)
   pick("eval.split", ("val", "test"))
+  pick("eval.graph_condition", ("generated", "gold"))
   if errors:
     raise ConfigError("bad config: " + "; ".join(errors))

@@ -83,12 +83,24 @@ def graph_3d(model: sd3_lib.SD3, params, cond_ids, global_feat, key, *, num_step
 
 
 def _graph_condition(model, config, params, batch, prefix, global_feat, key, num_steps, out):
-  """c^G for the 3D->X chain: the 3DSG generated from the batch's 2DSG (None without 3DSG)."""
+  """c^G for the 3D->X chain: the 3DSG generated from the batch's 2DSG (None without 3DSG).
+
+  `eval.graph_condition='gold'` gives the chain the DGAE codes of the gold 3DSG instead (on
+  the 2DSG's slots, as in training): an oracle that bounds what a better graph chain buys.
+  """
   if not steps.variant_flags(config.variant)["graph"]:
     return None, None
-  codes = model.graph_codes(params, sd3_lib.graph_of(batch, prefix))
-  out["graph_codes"] = graph_3d(model, params, codes, global_feat, key, num_steps=num_steps,
-                                sampler=config.eval.graph_sampler)
+  # .get: the config.json of workdirs trained before this key has none.
+  if config.eval.get("graph_condition", "generated") == "gold":
+    if "g3d_node_tag" not in batch:
+      raise schema.DataError("eval.graph_condition=gold needs the gold 3DSG of every example; "
+                             "these inputs have none (use 'generated')",
+                             field="eval.graph_condition")
+    out["graph_codes"] = model.graph_codes(params, sd3_lib.target_of(batch, prefix))
+  else:
+    codes = model.graph_codes(params, sd3_lib.graph_of(batch, prefix))
+    out["graph_codes"] = graph_3d(model, params, codes, global_feat, key, num_steps=num_steps,
+                                  sampler=config.eval.graph_sampler)
   return model.code_features(out["graph_codes"])
 
 

@@ -248,3 +248,33 @@ def test_hf_clip_tokenises_pads_and_preprocesses(tmp_path):
   (tmp_path / "vocab.json").unlink()
   with pytest.raises(schema.DataError, match="tokenizer"):
     evaluate.HFClip(tmp_path)
+
+
+def test_gold_graph_condition_feeds_the_chains_the_gold_3dsg_codes(tiny_config):
+  from sd3_jax import config_lib
+  from sd3_jax import generate
+
+  config, info = tiny_config
+  config = config.copy_and_resolve_references()
+  mesh = sharding.make_mesh(config.mesh)
+  model = sd3_lib.SD3(config, info["text"]["vocab_size"], info["graph_vocab_size"])
+  batch = sharding.to_global(next(iter(pipeline.make_dataset(config, "train", seed=0))), mesh)
+  params, model_state = _random_weights(model, batch)
+  gold_codes = {p: np.asarray(model.graph_codes(params, sd3_lib.target_of(batch, p)))
+                for p in ("tsg", "vsg")}
+
+  def codes(condition, chain, inputs):
+    config.eval.graph_condition = condition
+    return np.asarray(chain(model, config, params, model_state, inputs, jax.random.key(0),
+                            num_steps=2)["graph_codes"])
+
+  for chain, prefix in ((generate.st2i, "tsg"), (generate.si2t, "vsg")):
+    np.testing.assert_array_equal(codes("gold", chain, batch), gold_codes[prefix])
+    # Random weights generate something else: the switch is what changed the codes.
+    assert (codes("generated", chain, batch) != gold_codes[prefix]).any()
+  no_gold = {k: v for k, v in batch.items() if not k.startswith("g3d")}
+  with pytest.raises(schema.DataError, match="eval.graph_condition"):
+    codes("gold", generate.st2i, no_gold)
+  config.eval.graph_condition = "oracle"
+  with pytest.raises(config_lib.ConfigError, match="eval.graph_condition"):
+    config_lib.validate(config)
