@@ -74,6 +74,11 @@ def get_config(arg=None):
   diff.kind = "absorbing"  # mask_and_replace | absorbing | uniform
   diff.schedule = "alpha1"  # alpha1 (VQ-Diffusion as released) | linear | cosine
   diff.num_steps = 100
+  # Chain loss = vlb_weight * L_t + aux_weight * w(t) * CE(x0), both per token over p(t).
+  # VQ-Diffusion: 1 and 5e-4. 0 and 1 (adaptive_aux False) is the plain x0 cross-entropy
+  # of MaskGIT / DDCap, which weights the high-mask steps (where layout is decided) as
+  # much as the low-mask ones that the VLB weights most.
+  diff.vlb_weight = 1.0
   diff.aux_weight = 5e-4  # VQ-Diffusion's auxiliary x0 cross-entropy weight λ
   diff.adaptive_aux = True  # w(t) = 2 - t/T
   diff.cond_drop_rate = 0.1  # condition dropout: trains the null condition for guidance

@@ -138,6 +138,10 @@ def validate(config) -> None:
   pick("diffusion.schedule", schedules.SCHEDULES)
   num("diffusion.num_steps", low=1, integer=True)
   num("diffusion.aux_weight", low=0)
+  num("diffusion.vlb_weight", low=0)
+  if _at(config, "diffusion.vlb_weight") == 0 == _at(config, "diffusion.aux_weight"):
+    errors.append("diffusion.vlb_weight and diffusion.aux_weight are both 0: the chains "
+                  "would have no loss")
   for key in ("diffusion.cond_drop_rate", "diffusion.graph_drop_rate",
               "loss.predicted_graph_rate"):
     num(key, low=0, high=1)

@@ -195,8 +195,8 @@ def _graph_chains(model, params, t, drop, conds):
 
 def _vlb(config, process, logits, x0, x_t, t, mask=None):
   d = config.diffusion
-  return diffusion.vlb_loss(process, logits, x0, x_t, t, mask, aux_weight=d.aux_weight,
-                            adaptive_aux=d.adaptive_aux)
+  return diffusion.vlb_loss(process, logits, x0, x_t, t, mask, vlb_weight=d.vlb_weight,
+                            aux_weight=d.aux_weight, adaptive_aux=d.adaptive_aux)
 
 
 def loss_3(model: sd3_lib.SD3, config, params, model_state, batch, rng):

@@ -35,3 +35,12 @@ def test_graph_layout_is_checked(file, overrides, says):
   config.data.update(overrides)
   with pytest.raises(config_lib.ConfigError, match=says):
     config_lib.validate(config)
+
+
+def test_a_chain_loss_with_no_term_is_rejected():
+  config = config_lib.load_config(EXPERIMENTS / "spatial_scenes.py", "tiny")
+  config.diffusion.update(vlb_weight=0.0, aux_weight=1.0, adaptive_aux=False)
+  config_lib.validate(config)  # the x0 cross-entropy alone is a loss
+  config.diffusion.aux_weight = 0.0
+  with pytest.raises(config_lib.ConfigError, match="diffusion.vlb_weight"):
+    config_lib.validate(config)
