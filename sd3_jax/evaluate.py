@@ -464,6 +464,20 @@ def spatial_baselines(real_images: np.ndarray, prompts: Sequence[str],
               verifier.verify_captions(shuffled, list(golds)))}
 
 
+def object_figures(examples: Sequence[dict]) -> dict[str, Optional[float]]:
+  """Is a relation missed because an object is not drawn, or because it is misplaced?
+
+  st2i/object_recall: the share of the objects the prompts relate (by colour) that the
+  verifier finds in the generated image (`_real`: in the real one); st2i/spatial_acc_drawn:
+  the spatial accuracy over the relations whose two objects are both drawn (None if none).
+  """
+  named = sum(ex["named"] for ex in examples)
+  drawn = [h for ex in examples for h, d in zip(ex["image_hits"], ex["both_drawn"]) if d]
+  return {"st2i/object_recall": sum(ex["drawn_gen"] for ex in examples) / max(named, 1),
+          "st2i/object_recall_real": sum(ex["drawn_real"] for ex in examples) / max(named, 1),
+          "st2i/spatial_acc_drawn": sum(drawn) / len(drawn) if drawn else None}
+
+
 def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
                  tag: str = "final") -> dict[str, Any]:
   """Generates `eval.num_samples` test examples both ways; returns every Table-2 metric.
@@ -474,6 +488,8 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
     st2i/trirec: the fraction of the gold 3DSG's relation triples (all true relations of
       the scene, stated or not) that the verifier finds in the generated image;
       st2i/trirec_real is the same on the real test image (the verifier's ceiling).
+    st2i/object_recall(_real), st2i/spatial_acc_drawn: `object_figures` (objects not
+      drawn vs drawn but misplaced).
     st2i/fid, st2i/is (+ is_std): FID Inception, real test images vs generated
       (`eval.inception_weights`); st2i/clip_score: HF CLIP from `eval.clip_dir`;
       st2i/clip_score_project(_real): CLIPScore ×100 under this model's own stage-0
@@ -527,11 +543,16 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
             "caption": text[n], "gold_graph": rec.scene_3dsg, "gold_rel": gold_rel,
             "prompt_triples": triples, "gen_image": gen_uint8[j], "real_image": real_uint8[j],
             "features": {k: v[j] for k, v in features.items()}}
+      named = {scene_captions.parse_desc(d).colour for s, _, o in triples for d in (s, o)}
+      ex["named"] = len(named)
       for name, image in (("gen", gen_uint8[j]), ("real", real_uint8[j])):
         geoms = verifier.estimate_geoms(image)
         if name == "gen":
           ex["image_hits"] = [verifier.relation_holds(geoms, *t) for t in triples]
+          ex["both_drawn"] = [all(scene_captions.parse_desc(d).colour in geoms for d in (s, o))
+                              for s, _, o in triples]
         ex[f"trirec_{name}"] = sum(verifier.relation_holds(geoms, *t) for t in gold_rel)
+        ex[f"drawn_{name}"] = len(named & set(geoms))
       for prefix in counts:
         ex[f"from_{prefix}"] = counts[prefix][n]
         ex[f"copy_{prefix}"] = copy_counts([rec], prefix)
@@ -571,6 +592,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
           caption_hits, [scene_captions.parse_caption(c) for c in captions]),
       "st2i/trirec": sum(ex["trirec_gen"] for ex in examples) / num_rel,
       "st2i/trirec_real": sum(ex["trirec_real"] for ex in examples) / num_rel,
+      **object_figures(examples),
   }
   result.update(scorers.result([ex["features"] for ex in examples], ev.is_splits))
   unavailable = dict(scorers.unavailable)

@@ -178,6 +178,9 @@ def test_spatial_eval_end_to_end(tiny_config, tmp_path):
     assert 0.0 <= result[key] <= 1.0, key
   # The verifier reads most gold relations off the real renders.
   assert result["st2i/trirec_real"] > 0.5
+  # Every object a prompt relates is visible in its real render; random weights draw few.
+  assert result["st2i/object_recall_real"] > 0.9
+  assert 0.0 <= result["st2i/object_recall"] < result["st2i/object_recall_real"]
   assert 0.0 <= result["st2i/clip_score_project"] <= 250.0
   assert result["si2t/cider"] >= 0.0
   un = result["unavailable"]
@@ -278,3 +281,16 @@ def test_gold_graph_condition_feeds_the_chains_the_gold_3dsg_codes(tiny_config):
   config.eval.graph_condition = "oracle"
   with pytest.raises(config_lib.ConfigError, match="eval.graph_condition"):
     config_lib.validate(config)
+
+
+def test_object_figures_split_undrawn_from_misplaced():
+  examples = [  # prompt 1 relates 2 objects, 1 drawn; prompt 2: 3 objects, all drawn
+      {"named": 2, "drawn_gen": 1, "drawn_real": 2, "image_hits": [False],
+       "both_drawn": [False]},
+      {"named": 3, "drawn_gen": 3, "drawn_real": 3, "image_hits": [True, False],
+       "both_drawn": [True, True]}]
+  assert evaluate.object_figures(examples) == {
+      "st2i/object_recall": 0.8, "st2i/object_recall_real": 1.0,
+      "st2i/spatial_acc_drawn": 0.5}
+  examples[1]["both_drawn"] = [False, False]
+  assert evaluate.object_figures(examples)["st2i/spatial_acc_drawn"] is None
