@@ -543,14 +543,15 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
             "caption": text[n], "gold_graph": rec.scene_3dsg, "gold_rel": gold_rel,
             "prompt_triples": triples, "gen_image": gen_uint8[j], "real_image": real_uint8[j],
             "features": {k: v[j] for k, v in features.items()}}
-      named = {scene_captions.parse_desc(d).colour for s, _, o in triples for d in (s, o)}
+      pairs = [(scene_captions.parse_desc(s).colour, scene_captions.parse_desc(o).colour)
+               for s, _, o in triples]
+      named = {c for pair in pairs for c in pair}
       ex["named"] = len(named)
       for name, image in (("gen", gen_uint8[j]), ("real", real_uint8[j])):
         geoms = verifier.estimate_geoms(image)
         if name == "gen":
           ex["image_hits"] = [verifier.relation_holds(geoms, *t) for t in triples]
-          ex["both_drawn"] = [all(scene_captions.parse_desc(d).colour in geoms for d in (s, o))
-                              for s, _, o in triples]
+          ex["both_drawn"] = [s in geoms and o in geoms for s, o in pairs]
         ex[f"trirec_{name}"] = sum(verifier.relation_holds(geoms, *t) for t in gold_rel)
         ex[f"drawn_{name}"] = len(named & set(geoms))
       for prefix in counts:
