@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -107,3 +108,81 @@ def test_slurm_submits_one_process_per_gpu(tmp_path):
   assert subprocess.run(["bash", "-n", call["args"][-1]]).returncode == 0
   bad = _run(slurm[:1] + ["--nodes=0"] + job, env, tmp_path)
   assert bad.returncode == 2 and "positive integers" in bad.stderr
+
+
+# A stand-in for `python -m sd3_jax.main` / `-m sd3_jax.report` in launch/ablation.sh: records
+# each call; a training call writes a finished workdir (results, and a checkpoint for every
+# stage the script did not copy in).
+PYTHON_STUB = """#!/usr/bin/env bash
+exec python3 - "$@" <<'PY'
+import json, os, pathlib, sys
+args = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+if args[:2] == ["-m", "sd3_jax.main"]:
+    flags = dict(a[2:].split("=", 1) for a in args[2:])
+    wd = pathlib.Path(flags["workdir"])
+    variant = flags["config"].split("variant=")[1]
+    copied = sorted(p.name for p in (wd / "checkpoints").glob("stage*"))
+    for stage in ("0a", "0b", "1", "2", "3", "4"):
+        (wd / "checkpoints" / f"stage{stage}").mkdir(parents=True, exist_ok=True)
+    cfg = {"variant": variant, "seed": int(flags["config.seed"])}
+    for name, value in (("config.json", cfg), ("summary.json", {"copied": copied}),
+                        ("eval_examples.json", [])):
+        (wd / name).write_text(json.dumps(value))
+PY
+"""
+
+
+def _ablation(tmp_path, out, seeds, results):
+  bin_dir = tmp_path / "pybin"
+  if not bin_dir.exists():
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(PYTHON_STUB)
+    (bin_dir / "python").chmod(0o755)
+  log = tmp_path / f"{out}.jsonl"
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=str(log),
+             SEEDS=seeds, RESULTS=str(results))
+  run = _run(["bash", str(REPO / "launch" / "ablation.sh"), str(tmp_path / out)], env, tmp_path)
+  return run, [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_ablation_keeps_results_across_calls_and_reports_every_kept_seed(tmp_path):
+  results = tmp_path / "kept"
+  run, calls = _ablation(tmp_path, "a", "0", results)
+  assert run.returncode == 0, run.stderr
+  trained = [c[2].split("variant=")[1] for c in calls if c[1] == "sd3_jax.main"]
+  assert trained == ["sd3", "singleton", "vanilla_dual", "singleton_3d"]
+  # The exact stage sharing: 0a/0b for all, 1-3 for Singleton + 3D, copied from SD³'s run.
+  summary = lambda d, run: json.loads((d / run / "summary.json").read_text())["copied"]
+  assert summary(tmp_path / "a", "singleton-s0") == ["stage0a", "stage0b"]
+  assert summary(tmp_path / "a", "singleton_3d-s0") == ["stage0a", "stage0b", "stage1",
+                                                         "stage2", "stage3"]
+  for name in ("sd3-s0", "singleton-s0", "vanilla_dual-s0", "singleton_3d-s0"):
+    assert sorted(p.name for p in (results / name).iterdir()) == [
+        "config.json", "eval_examples.json", "summary.json"]  # no checkpoints
+  assert calls[-1][:3] == ["-m", "sd3_jax.report", f"--out={results}"]
+  assert len(calls[-1][3:]) == 4
+
+  # Another machine, a fresh OUT: seed 0 comes back from RESULTS untrained, seed 1 trains,
+  # and the table covers both.
+  run, calls = _ablation(tmp_path, "b", "0 1", results)
+  assert run.returncode == 0, run.stderr
+  trained = [c for c in calls if c[1] == "sd3_jax.main"]
+  assert {c[3] for c in trained} == {"--config.seed=1"} and len(trained) == 4
+  assert "sd3 seed 0: done, skipping" in run.stdout
+  assert sorted(pathlib.Path(d).name for d in calls[-1][3:]) == sorted(
+      f"{v}-s{s}" for v in ("sd3", "singleton", "vanilla_dual", "singleton_3d") for s in (0, 1))
+
+
+def test_ablation_names_the_missing_checkpoints_of_a_run_kept_without_its_seed(tmp_path):
+  results = tmp_path / "kept"
+  run, _ = _ablation(tmp_path, "a", "3", results)
+  assert run.returncode == 0, run.stderr
+  for name in ("singleton-s3", "vanilla_dual-s3", "singleton_3d-s3"):
+    shutil.rmtree(results / name)
+  run, calls = _ablation(tmp_path, "b", "3", results)
+  assert run.returncode == 1
+  assert f"{tmp_path / 'b' / 'sd3-s3'}/checkpoints/stage0a is missing" in run.stderr
+  assert f"delete {results}/sd3-s3 to retrain it" in run.stderr
+  assert not [c for c in calls if c[1] == "sd3_jax.main"]
