@@ -54,6 +54,8 @@ run() {  # run VARIANT SEED [SOURCE_WORKDIR STAGE...]: copy finished stages, the
   fi
   if [ -f "$wd/summary.json" ]; then
     echo "== $v seed $s: done, skipping ($wd)"
+    # A run finished before RESULTS was set is kept too.
+    if [ -n "$RESULTS" ] && [ ! -f "$RESULTS/$v-s$s/summary.json" ]; then keep "$wd" "$RESULTS/$v-s$s"; fi
     return
   fi
   if [ $# -gt 0 ]; then

@@ -140,7 +140,8 @@ def _ablation(tmp_path, out, seeds, results):
     bin_dir.mkdir()
     (bin_dir / "python").write_text(PYTHON_STUB)
     (bin_dir / "python").chmod(0o755)
-  log = tmp_path / f"{out}.jsonl"
+  log = tmp_path / "python_calls.jsonl"  # this call's only
+  log.unlink(missing_ok=True)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_LOG=str(log),
              SEEDS=seeds, RESULTS=str(results))
   run = _run(["bash", str(REPO / "launch" / "ablation.sh"), str(tmp_path / out)], env, tmp_path)
@@ -173,6 +174,14 @@ def test_ablation_keeps_results_across_calls_and_reports_every_kept_seed(tmp_pat
   assert "sd3 seed 0: done, skipping" in run.stdout
   assert sorted(pathlib.Path(d).name for d in calls[-1][3:]) == sorted(
       f"{v}-s{s}" for v in ("sd3", "singleton", "vanilla_dual", "singleton_3d") for s in (0, 1))
+
+  # Runs finished in OUT before RESULTS was set are kept by the next call that sets it.
+  shutil.rmtree(results)
+  run, calls = _ablation(tmp_path, "b", "1", results)
+  assert run.returncode == 0, run.stderr
+  assert not [c for c in calls if c[1] == "sd3_jax.main"]
+  assert sorted(p.name for p in results.iterdir()) == [
+      "singleton-s1", "singleton_3d-s1", "sd3-s1", "vanilla_dual-s1"]
 
 
 def test_ablation_names_the_missing_checkpoints_of_a_run_kept_without_its_seed(tmp_path):
