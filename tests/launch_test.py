@@ -181,7 +181,7 @@ def test_ablation_keeps_results_across_calls_and_reports_every_kept_seed(tmp_pat
   assert run.returncode == 0, run.stderr
   assert not [c for c in calls if c[1] == "sd3_jax.main"]
   assert sorted(p.name for p in results.iterdir()) == [
-      "singleton-s1", "singleton_3d-s1", "sd3-s1", "vanilla_dual-s1"]
+      "sd3-s1", "singleton-s1", "singleton_3d-s1", "vanilla_dual-s1"]
 
 
 def test_ablation_names_the_missing_checkpoints_of_a_run_kept_without_its_seed(tmp_path):
