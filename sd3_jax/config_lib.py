@@ -38,8 +38,15 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def load_config(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
-  """Loads `get_config(arg)` from an experiment file by path (for tests and tools)."""
+  """Loads `get_config(arg)` from an experiment file by path (for tests and tools).
+
+  `path` may carry the argument as `--config` does: `experiments/ablation.py:variant=sd3`.
+  """
+  if arg is None and ":" in str(path):
+    path, arg = str(path).split(":", 1)
   path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"experiment file {path} does not exist")
   spec = importlib.util.spec_from_file_location(f"sd3_experiment_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
