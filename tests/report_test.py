@@ -224,3 +224,35 @@ def test_report_writes_differences_table_4_and_plot(tmp_path):
   (dirs[0] / report.EXAMPLES_FILE).write_text(json.dumps([{"no_index": 1}]))
   with pytest.raises(schema.DataError, match="index"):
     report.load_run(dirs[0])
+
+
+def test_baselines_block(tmp_path):
+  """Each row's figures next to chance / real / copy, the 3x-chance verdict and the minutes
+  its runs trained (a restored or eval-mode run without stage seconds counts none)."""
+  def ev(st2i, si2t, f1=None):
+    out = {"num_samples": 8, "st2i/spatial_acc": st2i, "st2i/spatial_acc_chance": 0.05,
+           "st2i/spatial_acc_real": 0.9, "si2t/spatial_acc": si2t,
+           "si2t/spatial_acc_chance": 0.0}
+    if f1 is not None:
+      out.update({"graph/trif1_from_vsg": f1, "graph/trif1_copy_vsg": 0.5,
+                  "graph/trif1_from_tsg": f1 / 2, "graph/trif1_copy_tsg": 0.4})
+    return out
+  dirs = []
+  for name, variant, seed, e, seconds in (
+      ("sd3-s0", "sd3", 0, ev(0.20, 0.30, 0.7), {"0a": 60.0, "4": 120.0}),
+      ("sd3-s1", "sd3", 1, ev(0.10, 0.50, 0.9), {"4": 240.0}),
+      ("singleton-s0", "singleton", 0, ev(0.14, 0.0), {"4": 30.0})):
+    d = _workdir(tmp_path, name, {"variant": variant, "seed": seed, "eval": e})
+    (d / "summary.json").write_text(json.dumps({"stage_seconds": seconds, "eval": e}))
+    dirs.append(d)
+  report.write_report(dirs, tmp_path / "r")
+  md = (tmp_path / "r" / "table.md").read_text()
+  block = md.split("## Against the baselines")[1].split("##")[0]
+  assert "8 min over all 3 runs" in block  # (180 + 240 + 30) s
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+          for line in block.splitlines() if line.startswith("| S")}
+  assert rows["SD³"][1:] == ["15.0 vs 5.0", "15.0 vs 90.0", "40.0 vs 0.0", "80.0 vs 50.0",
+                             "40.0 vs 40.0", "yes, yes", "3.5"]
+  # No 3DSG: blank cells; 14.0 < 3 x 5.0, and an SI2T of 0 never reaches 3x a chance of 0.
+  assert rows["Singleton"][1:] == ["14.0 vs 5.0", "14.0 vs 90.0", "0.0 vs 0.0", "", "",
+                                   "no, no", "0.5"]
