@@ -440,7 +440,8 @@ def baselines_markdown(rows: Sequence[Mapping[str, Any]],
 def save_ablation_plot(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Mapping[str, Any]],
                        path) -> Optional[pathlib.Path]:
   """`ablation.png`: one panel per `INTERVAL_FIGURES` key, a bar per row (mean over its
-  seeds) with its bootstrap 95% interval, or ± std over seeds without per-example results."""
+  seeds) with its bootstrap 95% interval, or ± std over seeds without per-example results,
+  and the panel's baseline (chance, or the copied 2DSG) as a dashed line."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -468,6 +469,13 @@ def save_ablation_plot(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Map
     else:
       ax.text(0.5, 0.5, "no row has it", ha="center", va="center", transform=ax.transAxes)
       ax.set_xticks([])
+    for figure, baseline, label in BASELINES:  # the lines a bar is read against
+      value = _mean([r["eval"] for r in runs.values()], baseline)
+      if figure == key and label != "real images" and value is not None:
+        ax.axhline(100 * value, color="k", linestyle="--", linewidth=1)
+        ax.text(0.99, 100 * value + 1, f"{label} {100 * value:.1f}", ha="right",
+                va="bottom", fontsize=7, transform=ax.get_yaxis_transform(),
+                bbox=dict(facecolor="white", alpha=0.8, linewidth=0, pad=1))
     ax.set_title(name, fontsize=9)
     ax.set_ylim(0, 100)
   fig.tight_layout()
