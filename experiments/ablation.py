@@ -11,9 +11,9 @@ Arguments (after the colon): `variant=singleton|singleton_3d|vanilla_dual|sd3`, 
 (also settable as `--config.seed=N`), `tiny` (the test size). Every number is
 `experiments/spatial_scenes.py`'s: the variants differ only in the terms the variant switches
 (steps.VARIANTS), so the table compares the paper's methods at the recipe whose figures the
-README reports, not a smaller model at chance level. On 2 CPU cores one seed costs 66-80 min
-(measured: SD³ 34-44, then each other variant its own stage 4: Singleton + 3D 14-15,
-Singleton 9-10, Vanilla Dual 9-10); share `data.dir` between runs so the data is generated
+README reports, not a smaller model at chance level. On 2 CPU cores one seed costs 61-80 min
+(measured: SD³ 33-44, then each other variant its own stage 4: Singleton + 3D 12-15,
+Singleton 8-10, Vanilla Dual 8-10); share `data.dir` between runs so the data is generated
 once.
 """
 import pathlib
