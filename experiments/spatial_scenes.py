@@ -120,9 +120,12 @@ def get_config(arg=None):
   # parameters and outputs, tested equal); dense is ~3x faster on CPU.
   # aligned_slots: slot identity shared by the 3DSG and the 2DSG condition (see
   # models/graph_denoiser.py); False is the permutation-equivariant set model.
+  # box_geometry: the chain reads the VSG's object boxes (an object slot its own, a relation
+  # slot its pair's), so the 3D relations a 2D relation hides are predictable from the view.
   model.graph_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4,
                                                         attention_impl="dense",
-                                                        aligned_slots=True))
+                                                        aligned_slots=True,
+                                                        box_geometry=True))
   model.text_decoder = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4))
   model.text_decoder.pretrained = ml_collections.config_dict.placeholder(str)
   model.prior = ml_collections.ConfigDict(dict(width=128, num_layers=2, num_heads=4))

@@ -162,7 +162,8 @@ def graph_generators(model, config) -> dict[str, Callable]:
     else:
       feat = model.text_condition(p, b["text_ids"], b["text_mask"])[1]
     codes = generate.graph_3d(model, p, ids, feat, key, num_steps=config.eval.sampling_steps,
-                              sampler=config.eval.graph_sampler)
+                              sampler=config.eval.graph_sampler,
+                              boxes=model.graph_boxes(b, prefix))
     return predict(generate.graph_logits(model, p, codes))
 
   return {prefix: jax.jit(lambda p, b, k, prefix=prefix: generate_from(p, b, prefix, k))

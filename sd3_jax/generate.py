@@ -58,19 +58,21 @@ def _sample(process, denoise_fn, key, shape, cond, *, num_steps, truncation_r=No
 
 
 def graph_3d(model: sd3_lib.SD3, params, cond_ids, global_feat, key, *, num_steps,
-             sampler: str = "confidence"):
-  """X -> 3D: 3DSG code ids [B, N] from a 2DSG's codes and the global feature c^X.
+             sampler: str = "confidence", boxes=None):
+  """X -> 3D: 3DSG code ids [B, N] from a 2DSG's codes and the global feature c^X (and the
+  2DSG's slot boxes, `SD3.graph_boxes`, when the chain reads them).
 
   `sampler`: 'confidence' commits the most confident slots first (no two slots drawn
   blind in one step, so fewer duplicates); 'ancestral' runs the strided posterior chain.
   """
   b, n = cond_ids.shape
   cond = {"ids": cond_ids, "mask": cond_ids < model.graph_den.num_codes,
-          "global": global_feat, "drop": jnp.zeros((b,), bool)}
+          "global": global_feat, "drop": jnp.zeros((b,), bool), "boxes": boxes}
 
   def denoise(z, t, c):
     logits, _ = model.graph_den.apply({"params": params["graph_den"]}, z, t, c["ids"],
-                                      c["mask"], c["global"], drop_cond=c["drop"])
+                                      c["mask"], c["global"], drop_cond=c["drop"],
+                                      cond_boxes=c["boxes"])
     return logits
 
   if sampler == "confidence":
@@ -100,7 +102,8 @@ def _graph_condition(model, config, params, batch, prefix, global_feat, key, num
   else:
     codes = model.graph_codes(params, sd3_lib.graph_of(batch, prefix))
     out["graph_codes"] = graph_3d(model, params, codes, global_feat, key, num_steps=num_steps,
-                                  sampler=config.eval.graph_sampler)
+                                  sampler=config.eval.graph_sampler,
+                                  boxes=model.graph_boxes(batch, prefix))
   return model.code_features(out["graph_codes"])
 
 
@@ -385,7 +388,8 @@ class Generator:
     sample = jax.jit(lambda p, b, k: graph_3d(
         self.model, p, self.model.graph_codes(p, sd3_lib.graph_of(b, "tsg")),
         jnp.zeros((num, self.model.clip.pooled_dim)), k,
-        num_steps=self.config.eval.sampling_steps, sampler=self.config.eval.graph_sampler))
+        num_steps=self.config.eval.sampling_steps, sampler=self.config.eval.graph_sampler,
+        boxes=self.model.graph_boxes(b, "tsg")))
     out = []
     for i, graph in enumerate(graphs_2d):
       batch = self._repeat(self._batch(texts=None, images=None, graphs_2d=[graph]), num)

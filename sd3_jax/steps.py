@@ -165,12 +165,13 @@ def loss_2(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   return loss, (model_state, {"loss": loss, "v_rec": v_rec, "t_dec": t_dec})
 
 
-def _graph_chains(model, params, t, drop, conds):
+def _graph_chains(model, params, t, drop, conds, boxes=None):
   """The graph denoiser under several conditions, as one batched call.
 
   `conds`: (z_t, cond_ids, global_feat) or (z_t, cond_ids, global_feat, teacher,
   teacher_mask) tuples (z_t: the noised target on that condition's slots); all or none
-  have teacher tokens (padded to the longest, masked). The copies are
+  have teacher tokens (padded to the longest, masked). `boxes`: None, or per condition its
+  2DSG's slot boxes (`SD3.graph_boxes`). The copies are
   interleaved per example ([B, n] -> [B·n]), so each device keeps its own rows under data
   sharding; one call of B·n rows runs larger matmuls and fewer ops than n calls of B rows.
   Returns the logits per condition, each [B, N, C].
@@ -188,9 +189,16 @@ def _graph_chains(model, params, t, drop, conds):
       {"params": params["graph_den"]}, interleave([c[0] for c in conds]),
       jnp.repeat(t, n, 0), cond_ids,
       cond_ids < model.graph_den.num_codes, interleave([c[2] for c in conds]), teacher,
-      teacher_mask, drop_cond=jnp.repeat(drop, n, 0))
+      teacher_mask, drop_cond=jnp.repeat(drop, n, 0),
+      cond_boxes=None if boxes is None else interleave(boxes))
   logits = logits.reshape((-1, n) + logits.shape[1:])
   return [logits[:, i] for i in range(n)]
+
+
+def _boxes_of(model, batch):
+  """The VSG's and the TSG's slot boxes, in that order (None: the chain reads none)."""
+  boxes = [model.graph_boxes(batch, prefix) for prefix in ("vsg", "tsg")]
+  return None if boxes[0] is None else boxes
 
 
 def _vlb(config, process, logits, x0, x_t, t, mask=None):
@@ -216,7 +224,8 @@ def loss_3(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   z_t_t = model.graph_process.q_sample(k_q, z0_t, t)
   drop = _drop(k_drop, b, config.diffusion.cond_drop_rate)
   logits_i, logits_t = _graph_chains(model, params, t, drop,
-                                     [(z_t_v, vsg, c_i), (z_t_t, tsg, c_y)])
+                                     [(z_t_v, vsg, c_i), (z_t_t, tsg, c_y)],
+                                     _boxes_of(model, batch))
   l_i, aux_i = _vlb(config, model.graph_process, logits_i, z0_v, z_t_v, t)
   l_t, aux_t = _vlb(config, model.graph_process, logits_t, z0_t, z_t_t, t)
   loss = l_i + l_t
@@ -257,8 +266,9 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
     tsg = sg(model.graph_codes(params, sd3_lib.graph_of(batch, "tsg")))
     z_gt_v = model.graph_process.q_sample(k_g, z_g_v, t)
     z_gt_t = model.graph_process.q_sample(k_g, z_g_t, t)
+    boxes = _boxes_of(model, batch)
     s_i, s_t = _graph_chains(model, params, t, drop,
-                             [(z_gt_v, vsg, c_i), (z_gt_t, tsg, c_y)])
+                             [(z_gt_v, vsg, c_i), (z_gt_t, tsg, c_y)], boxes)
     l_i23d, _ = _vlb(config, model.graph_process, s_i, z_g_v, z_gt_v, t)
     l_t23d, _ = _vlb(config, model.graph_process, s_t, z_g_t, z_gt_t, t)
     loss = w.graph * (l_i23d + l_t23d)
@@ -308,7 +318,8 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
       t_s, z_v, z_t = sub(t), sub(z_gt_v), sub(z_gt_t)
       tea_i, tea_t = _graph_chains(model, params, t_s, sub(drop),
                                    [(z_v, sub(vsg), sub(c_i), img_feats, img_mask),
-                                    (z_t, sub(tsg), sub(c_y), sg(sub(h_y)), sub(mask))])
+                                    (z_t, sub(tsg), sub(c_y), sg(sub(h_y)), sub(mask))],
+                                   None if boxes is None else [sub(x) for x in boxes])
       l_tea_i, _ = _vlb(config, model.graph_process, tea_i, sub(z_g_v), z_v, t_s)
       l_tea_t, _ = _vlb(config, model.graph_process, tea_t, sub(z_g_t), z_t, t_s)
       kl = _kl_x0(sub(s_i), sg(tea_i)) + _kl_x0(sub(s_t), sg(tea_t))

@@ -86,7 +86,8 @@ def graph_layout(max_nodes: int, max_edges: int) -> list[tuple[str, tuple[int, .
   return [("node_type", (n,), np.int32), ("node_tag", (n,), np.int32),
           ("node_mask", (n,), np.bool_), ("adjacency", (n, n), np.int32),
           ("senders", (e,), np.int32), ("receivers", (e,), np.int32),
-          ("edge_type", (e,), np.int32), ("edge_mask", (e,), np.bool_)]
+          ("edge_type", (e,), np.int32), ("edge_mask", (e,), np.bool_),
+          ("node_box", (n, graphs.BOX_COLUMNS), np.int32)]
 
 
 def packed_graph_size(max_nodes: int, max_edges: int) -> int:
@@ -165,7 +166,7 @@ def lay_out(graph: graphs.SceneGraph, layout: str, max_objects: int,
     return graph, scenes.palette_slots
   ranks = scenes.anchor_colours(anchor.nodes, anchor.edges) if anchor is not None else ()
   nodes, edges = scenes.orient_to_slots(graph.nodes, graph.edges, ranks)
-  return (graphs.SceneGraph(nodes, edges),
+  return (graph.with_nodes(nodes, edges),
           functools.partial(scenes.anchored_slots, max_objects=max_objects, anchor=ranks))
 
 

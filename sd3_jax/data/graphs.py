@@ -18,6 +18,10 @@ Padding layout of one example (`N = max_nodes`, `E = max_edges`):
                         slots it names, padding between them
   adjacency [N, N] int32  edge-type index at [src, dst], 0 = no edge
   senders, receivers, edge_type [E] int32, edge_mask [E] bool
+  node_box  [N, 8] int32  the 2D boxes [y0, y1, x0, x1] (pixels) a view-derived graph (VSG)
+                        gives its objects: an object slot holds its own box in columns
+                        0-3, a relation slot its subject's box (0-3) and its object's (4-7);
+                        -1 where there is none (TSG, 3DSG, padding)
 Padded edges are the self-loop (N-1, N-1) with type 0 and `edge_mask` False: they land on a
 padding node whenever the graph has fewer than N nodes, but a full graph has none, so every
 message or loss over edges must be weighted by `edge_mask` (and over nodes by `node_mask`).
@@ -58,7 +62,9 @@ EDGE_ENDPOINTS = {
 _TRUNCATION_TIER = {"concept": 0, "object": 1, "attribute": 2, "relation": 3}
 
 _PADDED_KEYS = ("node_type", "node_tag", "node_mask", "adjacency", "senders",
-                "receivers", "edge_type", "edge_mask")
+                "receivers", "edge_type", "edge_mask", "node_box")
+BOX_COLUMNS = 8  # node_box: subject (or the object itself) box, then the relation's object box
+Box = tuple[int, int, int, int]
 
 
 def _join_field(base: Optional[str], sub: str) -> str:
@@ -72,14 +78,31 @@ class SceneGraph:
   Attributes:
     nodes: (node type, tag) per node; types from `schema.NODE_TYPES`.
     edges: (src index, dst index, edge type) per edge; types from `schema.EDGE_TYPES[1:]`.
+    boxes: () or, per node, its 2D box [y0, y1, x0, x1] in pixels (None: none). Only a
+      graph read off a view (the VSG) has them, on its objects (JSON: a node's "box").
   """
   nodes: tuple[tuple[str, str], ...]
   edges: tuple[tuple[int, int, str], ...]
+  boxes: tuple[Optional[Box], ...] = ()
 
   def __post_init__(self):
     # Normalise lists (e.g. from JSON) to tuples so equality and hashing are by value.
     object.__setattr__(self, "nodes", tuple((t, g) for t, g in self.nodes))
     object.__setattr__(self, "edges", tuple((s, d, t) for s, d, t in self.edges))
+    boxes = tuple(None if b is None else tuple(int(v) for v in b) for b in self.boxes)
+    if any(b is None for b in boxes) and all(b is None for b in boxes):
+      boxes = ()  # all None is no boxes: one spelling, so equality is by content
+    object.__setattr__(self, "boxes", boxes)
+
+  def box(self, i: int) -> Optional[Box]:
+    """Node i's 2D box, or None."""
+    return self.boxes[i] if self.boxes else None
+
+  def with_nodes(self, nodes, edges, keep: Optional[Sequence[int]] = None) -> "SceneGraph":
+    """A graph of new nodes/edges whose node j is this graph's node `keep[j]` (default j),
+    keeping that node's box."""
+    keep = range(len(nodes)) if keep is None else keep
+    return SceneGraph(nodes, edges, tuple(self.box(i) for i in keep) if self.boxes else ())
 
   @classmethod
   def from_json(cls, d: Any, *, file: Optional[str] = None, record: Optional[int] = None,
@@ -94,7 +117,7 @@ class SceneGraph:
     for key in ("nodes", "edges"):
       if not isinstance(d.get(key), list):
         raise err(f"missing or not a list (got {type(d.get(key)).__name__})", key)
-    nodes = []
+    nodes, boxes = [], []
     for i, n in enumerate(d["nodes"]):
       if not isinstance(n, Mapping):
         raise err(f"a node must be an object with 'type' and 'tag', got {n!r}", f"nodes[{i}]")
@@ -104,7 +127,17 @@ class SceneGraph:
                   f"nodes[{i}].type")
       if not isinstance(tag, str) or not tag:
         raise err(f"tag must be a non-empty string, got {tag!r}", f"nodes[{i}].tag")
+      box = n.get("box")
+      if box is not None:
+        if ntype != "object":
+          raise err(f"only object nodes have a box, this is a {ntype}", f"nodes[{i}].box")
+        if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in box)
+            or box[0] > box[1] or box[2] > box[3]):
+          raise err(f"a box is [y_min, y_max, x_min, x_max], non-negative ints in order, "
+                    f"got {box!r}", f"nodes[{i}].box")
       nodes.append((ntype, tag))
+      boxes.append(box)
     edges = []
     for k, e in enumerate(d["edges"]):
       if (not isinstance(e, (list, tuple)) or len(e) != 3
@@ -112,7 +145,7 @@ class SceneGraph:
         raise err(f"an edge must be [src_index, dst_index, edge_type], got {e!r}",
                   f"edges[{k}]")
       edges.append(tuple(e))
-    graph = cls(tuple(nodes), tuple(edges))
+    graph = cls(tuple(nodes), tuple(edges), tuple(boxes))
     graph.validate(file=file, record=record, field=field)
     return graph
 
@@ -148,8 +181,11 @@ class SceneGraph:
       seen[src, dst, etype] = k
 
   def to_json(self) -> dict[str, Any]:
-    return {"nodes": [{"type": t, "tag": g} for t, g in self.nodes],
-            "edges": [[s, d, t] for s, d, t in self.edges]}
+    nodes = [{"type": t, "tag": g} for t, g in self.nodes]
+    for node, box in zip(nodes, self.boxes):
+      if box is not None:
+        node["box"] = list(box)
+    return {"nodes": nodes, "edges": [[s, d, t] for s, d, t in self.edges]}
 
   @property
   def num_nodes(self) -> int:
@@ -162,7 +198,7 @@ class SceneGraph:
   def canonical(self) -> "SceneGraph":
     """The same graph with edges sorted by (src, dst, edge-type index); nodes unchanged."""
     return SceneGraph(self.nodes, tuple(sorted(
-        self.edges, key=lambda e: (e[0], e[1], schema.EDGE_TYPE_INDEX[e[2]]))))
+        self.edges, key=lambda e: (e[0], e[1], schema.EDGE_TYPE_INDEX[e[2]]))), self.boxes)
 
   def objects(self) -> list[str]:
     """Tags of the object nodes, in node order."""
@@ -361,7 +397,7 @@ def truncate_graph(graph: SceneGraph, max_nodes: int,
   remap = {old: new for new, old in enumerate(order)}
   edges = tuple((remap[s], remap[d], t) for s, d, t in graph.edges
                 if s in remap and d in remap)
-  out = SceneGraph(tuple(graph.nodes[i] for i in order), edges)
+  out = graph.with_nodes(tuple(graph.nodes[i] for i in order), edges, order)
   return out, n - out.num_nodes, graph.num_edges - out.num_edges
 
 
@@ -370,7 +406,7 @@ def _subgraph(graph: SceneGraph, keep: Sequence[int]) -> tuple[SceneGraph, dict[
   remap = {old: new for new, old in enumerate(keep)}
   edges = tuple((remap[s], remap[d], t) for s, d, t in graph.edges
                 if s in remap and d in remap)
-  return SceneGraph(tuple(graph.nodes[i] for i in keep), edges), remap
+  return graph.with_nodes(tuple(graph.nodes[i] for i in keep), edges, keep), remap
 
 
 def _place(graph: SceneGraph, layout: SlotLayout, max_nodes: int, overflow: str, *,
@@ -499,7 +535,29 @@ def pad_graph(graph: SceneGraph, vocab: GraphVocab, max_nodes: int, max_edges: i
   adjacency[senders[:e], receivers[:e]] = edge_type[:e]
   return {"node_type": node_type, "node_tag": node_tag, "node_mask": node_mask,
           "adjacency": adjacency, "senders": senders, "receivers": receivers,
-          "edge_type": edge_type, "edge_mask": edge_mask}
+          "edge_type": edge_type, "edge_mask": edge_mask,
+          "node_box": _slot_boxes(graph, slot_of, max_nodes)}
+
+
+def _slot_boxes(graph: SceneGraph, slot_of: Sequence[int], max_nodes: int) -> np.ndarray:
+  """`node_box` (module docstring): each object's box on its slot, each relation's subject
+  and object boxes on its slot, so a relation slot sees its pair's geometry directly."""
+  out = np.full((max_nodes, BOX_COLUMNS), -1, np.int32)
+  if not graph.boxes:
+    return out
+  ends: dict[int, list[Optional[int]]] = {}
+  for s, d, t in graph.edges:
+    if t == "subj":
+      ends.setdefault(d, [None, None])[0] = s
+    elif t == "obj":
+      ends.setdefault(s, [None, None])[1] = d
+  for i, (ntype, _) in enumerate(graph.nodes):
+    parts = ([i, None] if ntype == "object" else ends.get(i, [None, None])
+             if ntype == "relation" else [None, None])
+    for k, node in enumerate(parts):
+      if node is not None and graph.box(node) is not None:
+        out[slot_of[i], 4 * k:4 * k + 4] = graph.box(node)
+  return out
 
 
 def unpad_graph(padded: Mapping[str, Any], vocab: GraphVocab) -> SceneGraph:
@@ -524,7 +582,13 @@ def unpad_graph(padded: Mapping[str, Any], vocab: GraphVocab) -> SceneGraph:
   sub = adjacency[np.ix_(real, real)]
   src, dst = np.nonzero(sub)
   edges = tuple((int(s), int(d), schema.EDGE_TYPES[int(sub[s, d])]) for s, d in zip(src, dst))
-  return SceneGraph(nodes, edges)
+  boxes = ()
+  if "node_box" in padded:
+    node_box = np.asarray(padded["node_box"])
+    boxes = tuple(tuple(int(v) for v in node_box[i, :4])
+                  if nodes[j][0] == "object" and node_box[i, 0] >= 0 else None
+                  for j, i in enumerate(real))
+  return SceneGraph(nodes, edges, boxes)
 
 
 def stack_padded(padded: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -66,7 +66,7 @@ CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left
             "under": "on", "next to": "next to", "above": "under"}
 MIN_VISIBLE_VSG = 0.2
 # Bumped whenever generated records change: the cached raw scenes are keyed on it.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # The visible direction rule: colours are unique per scene, so the palette order of an
 # object's colour fixes the order of objects in every graph and the subject of every
 # relation (the object whose colour comes first), in captions, TSG, VSG and 3DSG alike.
@@ -403,7 +403,13 @@ def vsg_from_boxes(objects: Sequence[tuple[str, str, Sequence[int]]]) -> dict:
   for a in range(len(objects)):
     for b in range(a + 1, len(objects)):
       gb.relation(ids[a], vsg_relation(objects[a][2], objects[b][2]), ids[b])
-  return gb.graph()
+  graph = gb.graph()
+  # The view's geometry stays with the VSG (as a scene-graph parser's regions do): the
+  # 3D relations a 2D relation hides (depth from the ground contact, next to vs apart,
+  # stacked vs far) are read from the boxes.
+  for (_, _, box), i in zip(objects, ids):
+    graph["nodes"][i]["box"] = [int(v) for v in box]
+  return graph
 
 
 def caption_tsg(caption: str) -> dict:

@@ -45,6 +45,13 @@ complete it" representable and break the symmetry of the all-[MASK] start: witho
 every masked slot gets bit-identical logits and the best the model can learn is the bag of
 codes.
 
+View geometry (`box_geometry`). A VSG read off a view keeps its objects' 2D boxes
+(`graphs.SceneGraph.boxes`, the padded `node_box`): each 2DSG slot's boxes (an object's own;
+a relation's subject and object boxes, normalised to [0, 1], -1 where none) pass through an
+MLP that is added to that slot's condition token and, with aligned slots, to the z_t slot.
+The 3D relations a single 2D relation hides (depth from the ground contact, next to or apart,
+stacked or far) are then a function of the slot's own inputs. A TSG has no boxes: all -1.
+
 Readings of how the 2DSG enters (paper.md §1.1, gap 7): (a), the default, starts the chain
 from all-[MASK] and conditions on the 2DSG as above; (b), the bridge, starts from
 `bridge_start(cond_codes, cond_mask)` (the 2DSG codes on their slots, EMPTY elsewhere) and
@@ -262,6 +269,7 @@ class GraphDenoiser(nn.Module):
       (S >= N), shared by z_t and the 2DSG condition tokens, plus the 2DSG code of the same
       slot added to each z_t slot (module docstring, "Aligned slots"); 0 = the
       permutation-equivariant set model.
+    box_geometry: read the 2DSG's boxes (`cond_boxes`; module docstring, "View geometry").
     remat: rematerialise each block in the backward pass.
   """
   num_codes: int
@@ -278,6 +286,7 @@ class GraphDenoiser(nn.Module):
   attention_dropout_rate: float = 0.0
   attention_impl: str = "segment"
   aligned_slots: int = 0
+  box_geometry: bool = False
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -310,12 +319,25 @@ class GraphDenoiser(nn.Module):
                      name=name)(codes)
     return feats * real[..., None]
 
+  def _box_features(self, boxes: Array, width: int) -> Array:
+    """MLP of per-slot boxes [B, N2, 8] (normalised; -1 = none) -> [B, N2, width]."""
+    subj, obj = boxes[..., :4], boxes[..., 4:]
+    has_s = (subj[..., :1] >= 0).astype(self.dtype)
+    has_o = (obj[..., :1] >= 0).astype(self.dtype)
+    subj, obj = subj * has_s, obj * has_o
+    feats = jnp.concatenate([subj, obj, (subj - obj) * has_s * has_o, has_s, has_o], -1)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              kernel_init=dense_init((None, "embed")), bias_init=zeros_init(("embed",)))
+    h = nn.gelu(nn.Dense(width, **kw, name="box_in")(feats.astype(self.dtype)))
+    return nn.Dense(width, **kw, name="box_out")(h) * has_s
+
   @nn.compact
   def __call__(self, z_t: Array, t: Array, cond_codes: Array, cond_mask: Array,
                global_feat: Array, teacher_feats: Optional[Array] = None,
                teacher_mask: Optional[Array] = None,
                edge_bias_types: Optional[Array] = None, drop_cond: Optional[Array] = None,
-               deterministic: bool = True) -> Tuple[Array, Array]:
+               deterministic: bool = True, cond_boxes: Optional[Array] = None
+               ) -> Tuple[Array, Array]:
     """Predicts p(z_0 | z_t, condition).
 
     Args:
@@ -330,6 +352,8 @@ class GraphDenoiser(nn.Module):
         `edge_bias`; only meaningful when the 2DSG is aligned to the z_t slots).
       drop_cond: optional [B] bool; True rows use the learned null condition.
       deterministic: disables dropout.
+      cond_boxes: optional [B, N2, 8] float per-slot 2DSG boxes in [0, 1], -1 = none
+        (`box_geometry`; None = no boxes).
 
     Returns:
       (logits [B, N, num_codes + 1] float32, hidden [B, N, width]: the last block's output).
@@ -350,6 +374,14 @@ class GraphDenoiser(nn.Module):
     cw = self.cond_width or d
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed_init = dense_init((None, "embed"), nn.initializers.normal(0.02))
+    if cond_boxes is not None and not self.box_geometry:
+      raise ValueError("cond_boxes given but the denoiser has box_geometry=False")
+    box_feats = None
+    if self.box_geometry:
+      if cond_boxes is None:
+        cond_boxes = -jnp.ones(cond_codes.shape + (8,), jnp.float32)
+      box_feats = self._box_features(cond_boxes * cond_mask[..., None] -
+                                     (~cond_mask.astype(bool))[..., None], d)
 
     x = nn.Embed(self.num_codes + 2, d, embedding_init=embed_init, **kw,
                  name="code_embed")(z_t)
@@ -368,6 +400,8 @@ class GraphDenoiser(nn.Module):
                           constant_values=self.num_codes)[:, :n]
       copy = nn.Embed(self.num_codes + 1, d, embedding_init=embed_init, **kw,
                       name="slot_cond_embed")(same_slot)
+      if box_feats is not None:
+        copy = copy + jnp.pad(box_feats, ((0, 0), (0, max(n - n2, 0)), (0, 0)))[:, :n]
       if drop_cond is not None:
         copy = copy * (~drop_cond.astype(bool))[:, None, None]
       x = x + slot_embed[:n].astype(self.dtype) + copy
@@ -388,6 +422,8 @@ class GraphDenoiser(nn.Module):
         bias_init=zeros_init(("cond_embed",)), name=name)(feats)
     if self.aligned_slots:
       g = g + slot_embed[:cond_ids.shape[1]].astype(g.dtype)
+    if box_feats is not None:
+      g = g + (box_feats if cw == d else nn.Dense(cw, **kw, name="box_cond")(box_feats))
     parts = [g + types[0], project(global_feat[:, None, :], "global_proj") + types[1]]
     masks = [cond_mask, jnp.ones((b, 1), bool)]
     if self.teacher_dim is not None:

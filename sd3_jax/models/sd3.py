@@ -6,7 +6,7 @@ helpers here (conditions, tokens, graph codes) are what the stage steps and the 
 call, so each feature is computed one way everywhere.
 """
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import einops
 import jax
@@ -169,7 +169,8 @@ class SD3:
             num_codes=num_codes, width=den["graph"].width, num_layers=den["graph"].num_layers,
             num_heads=den["graph"].num_heads, teacher_dim=den["image"].width,
             fsq_levels=levels, attention_impl=den["graph"].attention_impl,
-            aligned_slots=c.data.max_nodes if den["graph"].aligned_slots else 0, **compute),
+            aligned_slots=c.data.max_nodes if den["graph"].aligned_slots else 0,
+            box_geometry=bool(den["graph"].get("box_geometry", False)), **compute),
     )
     for name, net in nets.items():
       object.__setattr__(self, name, net)
@@ -278,6 +279,18 @@ class SD3:
     """DGAE code ids [B, N] of padded graphs (EMPTY on padding slots)."""
     _, ids = self.dgae.apply({"params": params["dgae"]}, padded, method=dgae_lib.DGAE.encode)
     return ids
+
+  def graph_boxes(self, batch, prefix: str) -> Optional[jax.Array]:
+    """The 2DSG `prefix`'s per-slot boxes for the graph chain ([B, N, 8] in [0, 1], -1 =
+    none), or None when it reads no boxes (`model.graph_denoiser.box_geometry`)."""
+    if not self.graph_den.box_geometry:
+      return None
+    key = f"{prefix}_node_box"
+    if key not in batch:
+      raise ValueError(f"model.graph_denoiser.box_geometry needs '{key}' in the batch (data "
+                       "written before boxes were stored: delete the data directory)")
+    boxes = jnp.asarray(batch[key], jnp.float32)
+    return jnp.where(boxes >= 0, boxes / self.config.data.image_size, -1.0)
 
   def code_features(self, ids) -> tuple[jax.Array, jax.Array]:
     """c^G from code ids [B, N]: (normalised FSQ vectors [B, N, d], real-node mask [B, N])."""
