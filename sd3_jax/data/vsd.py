@@ -302,7 +302,8 @@ def _captions(value: Any, field: str, fail) -> tuple[str, ...]:
 def validate_graph(graph: Any, *, file: Optional[str] = None, record: Optional[int] = None,
                    field: str = "graph") -> Graph:
   """Checks a scene-graph dict against the `schema.py` JSON format; returns it normalised
-  to {"nodes": [{"type", "tag"}], "edges": [[src, dst, type]]}."""
+  to {"nodes": [{"type", "tag"[, "box"]}], "edges": [[src, dst, type]]} (a view-derived
+  graph's object boxes are checked by `graphs.SceneGraph.from_json`)."""
   def fail(where, message):
     return DataError(message, file=file, record=record, field=where)
 
@@ -323,7 +324,7 @@ def validate_graph(graph: Any, *, file: Optional[str] = None, record: Optional[i
                  f"one of {list(schema.NODE_TYPES)}")
     if not isinstance(node.get("tag"), str):
       raise fail(f"{where}.tag", f"must be a string, got {_short(node.get('tag'))}")
-    out_nodes.append({"type": node["type"], "tag": node["tag"]})
+    out_nodes.append({k: node[k] for k in ("type", "tag", "box") if k in node})
   out_edges = []
   for i, edge in enumerate(edges):
     where = f"{field}.edges[{i}]"

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 from sd3_jax.data import builders
 from sd3_jax.data import graphs
+from sd3_jax.data import schema
 from sd3_jax.data import vsd
 from sd3_jax.data.schema import DataError
 
@@ -58,6 +59,14 @@ def test_examples_follow_record_order_and_hold_padded_graphs(prepared):
       for key, value in expected.items():
         np.testing.assert_array_equal(unpacked[f"{prefix}_{key}"], value)
         assert unpacked[f"{prefix}_{key}"].dtype == value.dtype
+    # The VSG keeps its objects' boxes through the records, the builder and the packing;
+    # the TSG and the 3DSG have none.
+    objects = (unpacked["vsg_node_type"] == schema.NODE_TYPE_INDEX["object"]) & \
+        unpacked["vsg_node_mask"]
+    boxes = [n["box"] for n in r.vsg["nodes"] if n["type"] == "object"]
+    assert len(boxes) == objects.sum() > 0
+    np.testing.assert_array_equal(unpacked["vsg_node_box"][objects, :4], boxes)
+    assert (unpacked["tsg_node_box"] == -1).all() and (unpacked["g3d_node_box"] == -1).all()
 
 
 def test_prepare_is_idempotent(prepared):
