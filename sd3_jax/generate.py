@@ -300,9 +300,8 @@ class Generator:
     layout = data.get("graph_layout", "sequential")
 
     def pad(graph, where):
-      graph, slots = builders.lay_out(graph, layout, data.get("max_objects", 0))
-      return graphs_lib.pad_graph(graph, self.vocab, data.max_nodes, data.max_edges,
-                                  field=where, layout=slots)
+      return builders.pad_laid_out(graph, self.vocab, layout, data.get("max_objects", 0),
+                                   data.max_nodes, data.max_edges, field=where)
 
     for p in sd3_lib.GRAPH_PREFIXES:
       given = graphs_2d if p == prefix and graphs_2d is not None else [empty] * b

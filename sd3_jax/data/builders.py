@@ -170,6 +170,19 @@ def lay_out(graph: graphs.SceneGraph, layout: str, max_objects: int,
           functools.partial(scenes.anchored_slots, max_objects=max_objects, anchor=ranks))
 
 
+def pad_laid_out(graph: graphs.SceneGraph, vocab: graphs.GraphVocab, layout: str,
+                 max_objects: int, max_nodes: int, max_edges: int, *,
+                 anchor: Optional[graphs.SceneGraph] = None, **kw) -> graphs.PaddedGraph:
+  """`lay_out` then `graphs.pad_graph` (keyword arguments `kw`); on the anchored grid every
+  relation slot of a pair with two boxed objects gets their boxes
+  (`scenes.anchored_pair_boxes`)."""
+  laid, slots = lay_out(graph, layout, max_objects, anchor)
+  padded = graphs.pad_graph(laid, vocab, max_nodes, max_edges, layout=slots, **kw)
+  if layout == "anchored":
+    padded["node_box"] = scenes.anchored_pair_boxes(padded["node_box"], max_objects)
+  return padded
+
+
 def graph_prefixes(layout: str) -> list[str]:
   """Batch prefixes of the packed graphs of one spatial-scenes record, in packing order."""
   extra = list(ANCHORED_TARGETS.values()) if layout == "anchored" else []
@@ -268,8 +281,9 @@ def ensure_scenes_graph_vocab(raw_dir: PathLike) -> graphs.GraphVocab:
 class SpatialScenes(tfds.core.GeneratorBasedBuilder):
   """The procedurally generated spatial-scenes benchmark (one example per scene)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Packed graphs carry node_box (the VSG's object boxes).",
+                   "1.0.0": "Initial release."}
   # tfds looks for a checksums file beside the builder's code via `importlib_resources`
   # (not installed); these builders download nothing, so there is none to find.
   code_path = None
@@ -338,10 +352,9 @@ class SpatialScenes(tfds.core.GeneratorBasedBuilder):
       parsed, padded = {}, []
 
       def pad(graph, field, anchor=None):
-        graph, layout = lay_out(graph, c.graph_layout, c.max_objects, anchor)
-        return graphs.pad_graph(graph, vocab, c.max_nodes, c.max_edges,
-                                overflow=c.graph_overflow, stats=stats, file=file,
-                                record=i, field=field, layout=layout)
+        return pad_laid_out(graph, vocab, c.graph_layout, c.max_objects, c.max_nodes,
+                            c.max_edges, anchor=anchor, overflow=c.graph_overflow,
+                            stats=stats, file=file, record=i, field=field)
 
       for field in GRAPH_FIELDS:
         value = getattr(r, field)
@@ -447,9 +460,10 @@ def vsd_config(version: str, cfg: Any) -> VsdConfig:
 class Vsd(tfds.core.GeneratorBasedBuilder):
   """VSD v1/v2 from a manual dir: one example per image, VSG + one TSG per caption."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "Adds the annotated stand-in 3DSG (g3d) next to the VSG."}
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {"1.2.0": "Packed graphs carry node_box (-1: VSD's VSG keeps no boxes).",
+                   "1.1.0": "Adds the annotated stand-in 3DSG (g3d) next to the VSG.",
+                   "1.0.0": "Initial release."}
   # tfds looks for a checksums file beside the builder's code via `importlib_resources`
   # (not installed); these builders download nothing, so there is none to find.
   code_path = None

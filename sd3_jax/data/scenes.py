@@ -685,6 +685,25 @@ def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, 
   return slots
 
 
+def anchored_pair_boxes(node_box: np.ndarray, max_objects: int) -> np.ndarray:
+  """A padded graph's `node_box` with every relation slot of an object pair whose two
+  object slots have boxes holding [lower slot's box, higher slot's box], whether or not the
+  graph states a relation of that family: a 2DSG states one 2D relation per pair, while
+  its 3DSG target may fill all three family slots, each read off the same two boxes."""
+  k = max_objects
+  out = np.array(node_box, copy=True)
+  first_rel = k + _ATTR_SLOTS * k
+  for a in range(k):
+    for b in range(a + 1, k):
+      if out[a, 0] < 0 or out[b, 0] < 0:
+        continue
+      pair = a * (2 * k - a - 1) // 2 + (b - a - 1)
+      first = first_rel + _NUM_FAMILIES * pair
+      out[first:first + _NUM_FAMILIES, :4] = out[a, :4]
+      out[first:first + _NUM_FAMILIES, 4:] = out[b, :4]
+  return out
+
+
 def orient_to_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, int, str]],
                     anchor: Sequence[int] = ()) -> tuple[list, list]:
   """The same graph with every relation stated from the object on the lower anchored slot

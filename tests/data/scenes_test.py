@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from sd3_jax.data import graphs
 from sd3_jax.data import render
 from sd3_jax.data import scenes
 from sd3_jax.data import schema
@@ -306,3 +307,28 @@ def test_anchored_slots_reject_objects_past_the_grid():
   i = [j for j in (1, 3, 5) if nodes[j][1] == last][0]
   assert slots[i - 1] is None and slots[i] is None  # the third colour has no object slot
   assert sorted(s for s in slots if s is not None) == [0, 1, 2, 5]
+
+
+def test_anchored_vsg_gives_every_relation_slot_of_a_pair_its_two_boxes():
+  """A VSG states one 2D relation per pair; its 3DSG target may fill all three family
+  slots of the pair, so each of them carries the pair's boxes (lower slot first)."""
+  from sd3_jax.data import builders
+  boxes = {"red": [2, 9, 1, 6], "green": [10, 20, 12, 18], "blue": [4, 8, 25, 30]}
+  vsg = graphs.SceneGraph.from_json(scenes.vsg_from_boxes(
+      [(c, "cube", b) for c, b in boxes.items()]))
+  vocab = graphs.GraphVocab.build([vsg])
+  k = 4
+  padded = builders.pad_laid_out(vsg, vocab, "anchored", k, scenes.anchored_slot_count(k), 64)
+  node_box = padded["node_box"]
+  ordered = [boxes[c] for c in sorted(boxes, key=scenes.COLOUR_RANK.get)]
+  np.testing.assert_array_equal(node_box[:3, :4], ordered)
+  assert (node_box[3] == -1).all()  # the fourth object slot is empty
+  first_rel = k + 3 * k
+  pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+  for p, (a, b) in enumerate(pairs):
+    rows = node_box[first_rel + 3 * p:first_rel + 3 * p + 3]
+    if b < 3:
+      np.testing.assert_array_equal(rows, [ordered[a] + ordered[b]] * 3)
+    else:
+      assert (rows == -1).all()
+  assert (node_box[k:first_rel] == -1).all()  # attribute slots have no box
