@@ -51,7 +51,8 @@ def test_train_batches_have_static_shapes_and_dtypes(cfg):
         f"{prefix}_node_mask": ((b, n), np.bool_),
         f"{prefix}_adjacency": ((b, n, n), np.int32),
         f"{prefix}_senders": ((b, e), np.int32), f"{prefix}_receivers": ((b, e), np.int32),
-        f"{prefix}_edge_type": ((b, e), np.int32), f"{prefix}_edge_mask": ((b, e), np.bool_)})
+        f"{prefix}_edge_type": ((b, e), np.int32), f"{prefix}_edge_mask": ((b, e), np.bool_),
+        f"{prefix}_node_box": ((b, n, 8), np.int32)})
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
   assert np.all(batch["text_ids"][:, 0] == 1) and batch["g3d_node_mask"].any(axis=1).all()
