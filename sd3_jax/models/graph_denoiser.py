@@ -380,8 +380,9 @@ class GraphDenoiser(nn.Module):
     if self.box_geometry:
       if cond_boxes is None:
         cond_boxes = -jnp.ones(cond_codes.shape + (8,), jnp.float32)
-      box_feats = self._box_features(cond_boxes * cond_mask[..., None] -
-                                     (~cond_mask.astype(bool))[..., None], d)
+      # Not masked by cond_mask: a pair's relation slots carry its boxes also where the 2DSG
+      # states no relation of that family (`scenes.anchored_pair_boxes`).
+      box_feats = self._box_features(cond_boxes, d)
 
     x = nn.Embed(self.num_codes + 2, d, embedding_init=embed_init, **kw,
                  name="code_embed")(z_t)

@@ -303,8 +303,8 @@ def test_graph_chain_learns_to_copy_and_complete_only_with_aligned_slots(aligned
 def _box_relation_batch(rng, b, num_codes):
   """Two objects with random boxes and their relation slot: the 3DSG's relation is code 0
   ("left of") when the subject's box centre lies left of the object's, else code 1; the
-  2DSG states the same uninformative relation (code 2) for every pair, as a 2D relation
-  that hides depth does. Slots: object, object, relation."""
+  2DSG states no relation of that family (EMPTY), as a VSG with one 2D relation per pair
+  leaves two of its three family slots. Slots: object, object, relation."""
   boxes = np.full((b, 3, 8), -1.0, np.float32)
   x = rng.uniform(0.0, 0.8, (b, 2))
   for k in range(2):
@@ -312,7 +312,7 @@ def _box_relation_batch(rng, b, num_codes):
   boxes[:, 2, :4], boxes[:, 2, 4:] = boxes[:, 0, :4], boxes[:, 1, :4]
   objects = rng.integers(3, num_codes, (b, 2))
   z0 = np.concatenate([objects, (x[:, :1] > x[:, 1:]).astype(np.int64)], 1)
-  cond = np.concatenate([objects, np.full((b, 1), 2)], 1)
+  cond = np.concatenate([objects, np.full((b, 1), num_codes)], 1)
   return z0, cond, boxes
 
 
