@@ -83,6 +83,9 @@ def get_config(arg=None):
   diff.vlb_weight = 1.0
   diff.aux_weight = 5e-4  # VQ-Diffusion's auxiliary x0 cross-entropy weight λ
   diff.adaptive_aux = True  # w(t) = 2 - t/T
+  # Stage 4: the image chain's loss weight of tokens on objects (1: plain; the background
+  # is most of the grid and needs no condition).
+  diff.image_object_weight = 1.0
   diff.cond_drop_rate = 0.1  # condition dropout: trains the null condition for guidance
   diff.graph_drop_rate = 0.1  # stage 4: drops c^G alone, so the chains stay text/image-led
 

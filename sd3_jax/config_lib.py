@@ -145,6 +145,7 @@ def validate(config) -> None:
   pick("diffusion.schedule", schedules.SCHEDULES)
   num("diffusion.num_steps", low=1, integer=True)
   num("diffusion.aux_weight", low=0)
+  num("diffusion.image_object_weight", low=0)
   num("diffusion.vlb_weight", low=0)
   if _at(config, "diffusion.vlb_weight") == 0 == _at(config, "diffusion.aux_weight"):
     errors.append("diffusion.vlb_weight and diffusion.aux_weight are both 0: the chains "

@@ -13,6 +13,7 @@ frozen networks get neither updates nor optimizer state.
 """
 from typing import Any, Callable, Mapping
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -201,10 +202,19 @@ def _boxes_of(model, batch):
   return None if boxes[0] is None else boxes
 
 
-def _vlb(config, process, logits, x0, x_t, t, mask=None):
+def _vlb(config, process, logits, x0, x_t, t, mask=None, token_weight=None):
   d = config.diffusion
   return diffusion.vlb_loss(process, logits, x0, x_t, t, mask, vlb_weight=d.vlb_weight,
-                            aux_weight=d.aux_weight, adaptive_aux=d.adaptive_aux)
+                            aux_weight=d.aux_weight, adaptive_aux=d.adaptive_aux,
+                            token_weight=token_weight)
+
+
+def _object_tokens(model, images):
+  """[B, h·w] float {0, 1}: the image tokens whose patch holds object pixels
+  (`vqvae.object_mask`: saturated, dilated by one pixel)."""
+  mask = vqvae_lib.object_mask(images)
+  f = images.shape[1] // model.grid
+  return einops.reduce(mask, "b (h p) (w q) -> b (h w)", "max", p=f, q=f)
 
 
 def loss_3(model: sd3_lib.SD3, config, params, model_state, batch, rng):
@@ -296,13 +306,22 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   logits_i, h_i = model.image_den.apply({"params": params["image_den"]}, x_i, t, c_y_tokens,
                                         mask, g_feats_i, g_mask_i, drop)
   l_image, aux_image = _vlb(config, model.image_process, logits_i, z_i, x_i, t)
+  image_loss = l_image
+  object_weight = config.diffusion.get("image_object_weight", 1.0)
+  if object_weight != 1.0:
+    # The object tokens carry what the condition decides (which colours, where); the
+    # background is most of the grid and predictable without it. L_dual and the logged
+    # `image` keep the unweighted likelihood.
+    on_object = _object_tokens(model, batch["image"])
+    image_loss, _ = _vlb(config, model.image_process, logits_i, z_i, x_i, t,
+                         token_weight=1.0 + (object_weight - 1.0) * on_object)
   x_y = model.text_process.q_sample(k_y, ids, t)
   logits_y, h_y, length_logits = model.text_den.apply(
       {"params": params["text_den"]}, x_y, t, mask, c_i_tokens, None, g_feats_y, g_mask_y,
       drop)
   l_text, aux_text = _vlb(config, model.text_process, logits_y, ids, x_y, t, mask)
   l_length = text_denoiser.length_loss(length_logits, mask)
-  loss = loss + w.image * l_image + w.text * l_text + w.length * l_length
+  loss = loss + w.image * image_loss + w.text * l_text + w.length * l_length
   metrics.update(image=l_image, text=l_text, length=l_length,
                  image_ce=jnp.mean(aux_image["aux_ce"]), text_ce=jnp.mean(aux_text["aux_ce"]))
 

@@ -61,6 +61,27 @@ def test_dual_loss_is_the_weighted_sum_of_its_terms(tiny_config):
   assert all(np.isfinite(v) for v in metrics.values())
 
 
+def test_image_object_weight_changes_the_loss_not_the_logged_likelihood(tiny_config):
+  """Up-weighted object tokens move the image term of the loss; the logged image VLB (and
+  L_dual, which reads it) stays the plain likelihood."""
+  config, model, batch = _setup(tiny_config, "singleton")
+  params, model_state = jax.jit(lambda r, b: __import__("flax").linen.meta.unbox(
+      model.init(r, b)))(jax.random.key(0), batch)
+
+  def loss_at(weight):
+    cfg = config.copy_and_resolve_references()
+    cfg.diffusion.image_object_weight = weight
+    loss, (_, m) = jax.jit(lambda p, s, b: steps.loss_4(model, cfg, p, s, b,
+                                                        jax.random.key(1)))(
+        params, model_state, batch)
+    return float(loss), jax.device_get(m)
+
+  (plain, m1), (weighted, m5) = loss_at(1.0), loss_at(5.0)
+  assert m1["image"] == m5["image"]
+  np.testing.assert_allclose(plain, _weighted_sum(config, m1), rtol=1e-5)
+  assert abs(weighted - plain) > 1e-3
+
+
 def test_teacher_stride_feeds_the_teachers_every_kth_example_only(tiny_config):
   """Rows 1, 3, ... get a NaN image: with stride 2 the teacher loss and the KL, computed on
   rows 0, 2, ..., stay finite (nothing mixes rows); with stride 1 they are NaN."""

@@ -26,8 +26,10 @@ def _sanitise(mask, model_log_x0, x0, x_t):
           jnp.where(m, x_t, 0))
 
 
-def _terms(process: transitions.DiffusionProcess, model_log_x0, x0, x_t, t, mask):
-  """Per-example (L_t summed over tokens, aux CE summed, token count), each [B]."""
+def _terms(process: transitions.DiffusionProcess, model_log_x0, x0, x_t, t, mask,
+           token_weight=None):
+  """Per-example (L_t summed over tokens, aux CE summed, token count), each [B]; with
+  `token_weight` [B, L] the sums and the count are weighted."""
   if mask is None:
     mask = jnp.ones(x0.shape, bool)
   m, logits, x0, x_t = _sanitise(mask, model_log_x0, x0, x_t)
@@ -41,6 +43,8 @@ def _terms(process: transitions.DiffusionProcess, model_log_x0, x0, x_t, t, mask
   ce = (jax.nn.logsumexp(logits, -1)
         - jnp.take_along_axis(logits, x0[..., None], -1)[..., 0])
   mf = m.astype(jnp.float32)
+  if token_weight is not None:
+    mf = mf * token_weight.astype(jnp.float32)
   return (jnp.sum(per_token * mf, -1), jnp.sum(ce * mf, -1),
           jnp.maximum(jnp.sum(mf, -1), 1.0))
 
@@ -67,7 +71,8 @@ def vlb_loss(process: transitions.DiffusionProcess, model_log_x0: jnp.ndarray,
              x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray,
              mask: Optional[jnp.ndarray] = None, *, pt: Optional[jnp.ndarray] = None,
              vlb_weight: float = 1.0, aux_weight: float = DEFAULT_AUX_WEIGHT,
-             adaptive_aux: bool = True) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+             adaptive_aux: bool = True, token_weight: Optional[jnp.ndarray] = None
+             ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """VQ-Diffusion's hybrid loss, normalised per non-pad token, averaged over batch.
 
   loss_b = [vlb_weight * L_t + aux_weight * w(t) * L_aux] / (p(t) * n_b), with
@@ -86,6 +91,8 @@ def vlb_loss(process: transitions.DiffusionProcess, model_log_x0: jnp.ndarray,
     vlb_weight: weight of the VLB term.
     aux_weight: lambda of the auxiliary x0 cross-entropy.
     adaptive_aux: use w(t) = 2 - t/T.
+    token_weight: optional [B, L] weights of the tokens (e.g. object tokens up-weighted):
+      the per-token means become weighted means, so the aux figures are weighted too.
 
   Returns:
     (scalar loss, aux) with per-example [B] arrays: 'kl_t' (L_t in nats, summed over
@@ -93,7 +100,7 @@ def vlb_loss(process: transitions.DiffusionProcess, model_log_x0: jnp.ndarray,
     'aux_ce' (mean x0 cross-entropy per token), 'num_tokens', 'loss'.
   """
   t = jnp.asarray(t, jnp.int32)
-  kl_t, ce_sum, n = _terms(process, model_log_x0, x0, x_t, t, mask)
+  kl_t, ce_sum, n = _terms(process, model_log_x0, x0, x_t, t, mask, token_weight)
   pt = _pt(process, t, pt)
   w = (2.0 - t / process.num_steps) if adaptive_aux else jnp.ones_like(pt)
   per_example = (vlb_weight * kl_t + aux_weight * w * ce_sum) / (pt * n)

@@ -125,3 +125,21 @@ def test_time_sampler_update_averages_duplicates():
   np.testing.assert_array_equal(state.counts, [0, 2, 0, 0, 1, 0])
   state = losses.update(state, jnp.array([2]), jnp.array([0.0]), decay=0.5)
   np.testing.assert_allclose(state.loss_sq, [0, 2.5, 0, 0, 4.0, 0])
+
+
+def test_token_weights_make_weighted_means():
+  """Per-token weights: the per-example sums and count are weighted; 0/1 weights equal a
+  mask, integer weights equal repeating the token."""
+  proc = transitions.DiffusionProcess(K, T, "absorbing", "alpha1")
+  x0, x_t, t, mask, logits = _batch(proc)
+  full = jnp.ones((B, L), bool)
+  weighted = losses.vlb_loss(proc, logits, x0, x_t, t, token_weight=mask.astype(jnp.float32))
+  masked = losses.vlb_loss(proc, logits, x0, x_t, t, mask)
+  np.testing.assert_allclose(weighted[0], masked[0], rtol=1e-6)
+  np.testing.assert_allclose(weighted[1]["kl_t"], masked[1]["kl_t"], rtol=1e-6)
+  # Weight 2 on token 0 = token 0 twice.
+  w = jnp.ones((B, L)).at[:, 0].set(2.0)
+  twice = lambda a: jnp.concatenate([a[:, :1], a], 1)  # noqa: E731
+  doubled = losses.vlb_loss(proc, twice(logits), twice(x0), twice(x_t), t, twice(full))
+  np.testing.assert_allclose(losses.vlb_loss(proc, logits, x0, x_t, t, token_weight=w)[0],
+                             doubled[0], rtol=1e-5)
