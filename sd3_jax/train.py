@@ -220,9 +220,13 @@ def _decode_data_state(data_state: dict):
 
 
 def _steps_before(config, stage: str) -> int:
-  """Train steps of the stages before `stage` (the x axis of the whole run's curves)."""
+  """Train steps of the variant's recipe before `stage` (the x axis of the whole run's
+  curves), whichever stages this call runs: a run split over calls (`config.stages=3,4`
+  after `0,1,2`) puts its points where one uninterrupted run would."""
+  recipe = config.copy_and_resolve_references()
+  recipe.stages = ",".join(steps.STAGES)
   return sum(int(config[f"stage{s}"].num_steps) for s in steps.STAGES[:steps.STAGES.index(stage)]
-             if s in steps.stages_to_run(config))
+             if s in steps.stages_to_run(recipe))
 
 
 def _stage_optim(config, stage: str):

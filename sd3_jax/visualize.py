@@ -141,18 +141,30 @@ _CURVE_PANELS = (
 )
 
 
+def latest_rows(metrics_path) -> list[dict]:
+  """The rows of a `metrics.jsonl`, one per (stage, step), by step: a resumed stage logs
+  again the steps after its checkpoint, and the later row wins."""
+  import json  # pylint: disable=g-import-not-at-top
+  latest: dict = {}
+  for line in pathlib.Path(metrics_path).read_text().splitlines():
+    if line.strip():
+      row = json.loads(line)
+      key = (row.get("stage"), row.get("step"))
+      latest[key] = dict(latest.get(key, {}), **row)
+  return sorted(latest.values(), key=lambda r: r.get("step", 0))
+
+
 def save_curves(metrics_path, out_path) -> Optional[pathlib.Path]:
   """`curves.png` from a run's `metrics.jsonl`: each stage's training losses vs step, and
   the held-out curves (`samples.GraphCurvePoints` in stage 3, `samples.CurvePoints` in
   stage 4) with their baselines as lines."""
-  import json  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   metrics_path = pathlib.Path(metrics_path)
   if not metrics_path.exists():
     return None
-  rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  rows = latest_rows(metrics_path)
   losses: dict = {}
   for row in rows:
     stage = row.get("stage", "")

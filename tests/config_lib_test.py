@@ -44,3 +44,15 @@ def test_a_chain_loss_with_no_term_is_rejected():
   config.diffusion.aux_weight = 0.0
   with pytest.raises(config_lib.ConfigError, match="diffusion.vlb_weight"):
     config_lib.validate(config)
+
+
+def test_curve_steps_count_the_whole_recipe_whichever_stages_a_call_runs():
+  """A run split over calls (stages 0-2, then 3,4) draws its curves where one call would."""
+  from sd3_jax import train  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(EXPERIMENTS / "spatial_scenes.py", None)
+  whole = {s: train._steps_before(config, s) for s in ("3", "4")}  # pylint: disable=protected-access
+  config.stages = "3,4"
+  assert {s: train._steps_before(config, s) for s in ("3", "4")} == whole  # pylint: disable=protected-access
+  assert whole["3"] == sum(config[f"stage{s}"].num_steps for s in ("0a", "0b", "1", "2"))
+  config.variant = "singleton"  # no graph stages: stage 4 follows 0a, 0b
+  assert train._steps_before(config, "4") == config.stage0a.num_steps + config.stage0b.num_steps  # pylint: disable=protected-access

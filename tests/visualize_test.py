@@ -52,3 +52,20 @@ def test_random_logits_read_out_to_schema_valid_graphs():
     graph.validate()  # raises on a dangling or mistyped edge
     visualize.draw_scene_graph(graph)
     evaluate.graph_triples(graph)
+
+
+def test_curves_read_one_row_per_step_the_later_winning(tmp_path):
+  """A run resumed from a checkpoint logs its last steps again: the curves keep the later."""
+  import json  # pylint: disable=g-import-not-at-top
+  rows = [{"step": 100, "stage": "stage3", "train/stage3/loss": 5.0},
+          {"step": 200, "stage": "stage3", "train/stage3/loss": 4.0},
+          {"step": 200, "stage": "curve", "curve/graph_f1_from_vsg": 0.5},
+          {"step": 200, "stage": "stage3", "train/stage3/loss": 3.0},
+          {"step": 300, "stage": "stage3", "train/stage3/loss": 2.0}]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  got = visualize.latest_rows(path)
+  assert [(r["stage"], r["step"]) for r in got] == [
+      ("stage3", 100), ("stage3", 200), ("curve", 200), ("stage3", 300)]
+  assert got[1]["train/stage3/loss"] == 3.0
+  assert visualize.save_curves(path, tmp_path / "curves.png").stat().st_size > 0
