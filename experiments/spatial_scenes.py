@@ -84,8 +84,9 @@ def get_config(arg=None):
   diff.aux_weight = 5e-4  # VQ-Diffusion's auxiliary x0 cross-entropy weight λ
   diff.adaptive_aux = True  # w(t) = 2 - t/T
   # Stage 4: the image chain's loss weight of tokens on objects (1: plain; the background
-  # is most of the grid and needs no condition).
-  diff.image_object_weight = 1.0
+  # is most of the grid and needs no condition). 5 vs 1, stage 4 from one stage 3: ST2I
+  # 0.259 vs 0.167, object recall 0.87 vs 0.70 (README, "What was measured on the way").
+  diff.image_object_weight = 5.0
   diff.cond_drop_rate = 0.1  # condition dropout: trains the null condition for guidance
   diff.graph_drop_rate = 0.1  # stage 4: drops c^G alone, so the chains stay text/image-led
 
