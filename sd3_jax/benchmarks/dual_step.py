@@ -39,6 +39,9 @@ def _synthetic_batch(config, graph_vocab: int, text_vocab: int):
         f"{prefix}_receivers": rng.integers(0, 4, (b, e)).astype(np.int32),
         f"{prefix}_edge_type": rng.integers(1, 5, (b, e)).astype(np.int32),
         f"{prefix}_edge_mask": np.broadcast_to(np.arange(e) < 8, (b, e)).copy()})
+    # Boxes on the VSG's real slots only (-1 = none), as the data writes them.
+    boxes = np.sort(rng.integers(0, d.image_size, (b, n, 8)), -1).astype(np.int32)
+    batch[f"{prefix}_node_box"] = np.where(real[..., None] & (prefix == "vsg"), boxes, -1)
   return batch
 
 
