@@ -324,6 +324,8 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   loss = loss + w.image * image_loss + w.text * l_text + w.length * l_length
   metrics.update(image=l_image, text=l_text, length=l_length,
                  image_ce=jnp.mean(aux_image["aux_ce"]), text_ce=jnp.mean(aux_text["aux_ce"]))
+  if object_weight != 1.0:
+    metrics["image_weighted"] = image_loss  # the image term the loss sums
 
   if flags["graph"]:
     if flags["mutual"]:

@@ -32,7 +32,8 @@ def _setup(tiny_config, variant="sd3"):
 
 def _weighted_sum(config, m):
   w = config.loss
-  total = w.image * m["image"] + w.text * m["text"] + w.length * m["length"]
+  total = w.image * m.get("image_weighted", m["image"]) + w.text * m["text"]
+  total += w.length * m["length"]
   total += w.graph * (m.get("i23d", 0) + m.get("t23d", 0))
   total += w.kl * m.get("kl", 0) + w.teacher * m.get("teacher", 0)
   return total + w.dual * m.get("dual_gap", 0)
@@ -45,7 +46,8 @@ def test_each_variant_computes_exactly_its_terms(tiny_config, variant):
   _, (_, metrics) = jax.eval_shape(
       lambda p, m, b: steps.loss_4(model, config, p, m, b, jax.random.key(1)),
       params, model_state, batch)
-  assert set(metrics) == EXPECTED[variant]
+  weighted = {"image_weighted"} if config.diffusion.image_object_weight != 1 else set()
+  assert set(metrics) == EXPECTED[variant] | weighted
 
 
 def test_dual_loss_is_the_weighted_sum_of_its_terms(tiny_config):
@@ -77,8 +79,9 @@ def test_image_object_weight_changes_the_loss_not_the_logged_likelihood(tiny_con
     return float(loss), jax.device_get(m)
 
   (plain, m1), (weighted, m5) = loss_at(1.0), loss_at(5.0)
-  assert m1["image"] == m5["image"]
+  assert m1["image"] == m5["image"] and "image_weighted" not in m1
   np.testing.assert_allclose(plain, _weighted_sum(config, m1), rtol=1e-5)
+  np.testing.assert_allclose(weighted, _weighted_sum(config, m5), rtol=1e-5)
   assert abs(weighted - plain) > 1e-3
 
 
