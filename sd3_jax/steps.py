@@ -315,6 +315,7 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
     on_object = _object_tokens(model, batch["image"])
     image_loss, _ = _vlb(config, model.image_process, logits_i, z_i, x_i, t,
                          token_weight=1.0 + (object_weight - 1.0) * on_object)
+    metrics["image_weighted"] = image_loss  # the image term the loss sums
   x_y = model.text_process.q_sample(k_y, ids, t)
   logits_y, h_y, length_logits = model.text_den.apply(
       {"params": params["text_den"]}, x_y, t, mask, c_i_tokens, None, g_feats_y, g_mask_y,
@@ -324,8 +325,6 @@ def loss_4(model: sd3_lib.SD3, config, params, model_state, batch, rng):
   loss = loss + w.image * image_loss + w.text * l_text + w.length * l_length
   metrics.update(image=l_image, text=l_text, length=l_length,
                  image_ce=jnp.mean(aux_image["aux_ce"]), text_ce=jnp.mean(aux_text["aux_ce"]))
-  if object_weight != 1.0:
-    metrics["image_weighted"] = image_loss  # the image term the loss sums
 
   if flags["graph"]:
     if flags["mutual"]:

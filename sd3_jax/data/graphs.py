@@ -61,8 +61,6 @@ EDGE_ENDPOINTS = {
 # Truncation keeps nodes tier by tier (lower first), within a tier in node order.
 _TRUNCATION_TIER = {"concept": 0, "object": 1, "attribute": 2, "relation": 3}
 
-_PADDED_KEYS = ("node_type", "node_tag", "node_mask", "adjacency", "senders",
-                "receivers", "edge_type", "edge_mask", "node_box")
 BOX_COLUMNS = 8  # node_box: subject (or the object itself) box, then the relation's object box
 Box = tuple[int, int, int, int]
 
@@ -90,7 +88,7 @@ class SceneGraph:
     object.__setattr__(self, "nodes", tuple((t, g) for t, g in self.nodes))
     object.__setattr__(self, "edges", tuple((s, d, t) for s, d, t in self.edges))
     boxes = tuple(None if b is None else tuple(int(v) for v in b) for b in self.boxes)
-    if any(b is None for b in boxes) and all(b is None for b in boxes):
+    if all(b is None for b in boxes):
       boxes = ()  # all None is no boxes: one spelling, so equality is by content
     object.__setattr__(self, "boxes", boxes)
 
@@ -219,13 +217,7 @@ class SceneGraph:
         if etype == "attr-of" and self.nodes[src][1] in identify_by and \
             names[dst] == self.nodes[dst][1]:
           names[dst] = self.nodes[src][1]
-    subj = collections.defaultdict(list)
-    obj = collections.defaultdict(list)
-    for src, dst, etype in self.edges:
-      if etype == "subj":
-        subj[dst].append(src)
-      elif etype == "obj":
-        obj[src].append(dst)
+    subj, obj = self.relation_ends()
     out = []
     for r, (ntype, rtag) in enumerate(self.nodes):
       if ntype != "relation":
@@ -234,6 +226,17 @@ class SceneGraph:
         for o in obj[r]:
           out.append((names[s], rtag, names[o]))
     return out
+
+  def relation_ends(self) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """(relation -> its subjects, relation -> its objects), from the subj/obj edges (one
+    each in a valid graph; predicted graphs may have several or none)."""
+    subj, obj = collections.defaultdict(list), collections.defaultdict(list)
+    for src, dst, etype in self.edges:
+      if etype == "subj":
+        subj[dst].append(src)
+      elif etype == "obj":
+        obj[src].append(dst)
+    return subj, obj
 
   def node_counts_by_type(self) -> dict[str, int]:
     """Node count per type, every type of `schema.NODE_TYPES` present (0 if absent)."""
@@ -545,18 +548,13 @@ def _slot_boxes(graph: SceneGraph, slot_of: Sequence[int], max_nodes: int) -> np
   out = np.full((max_nodes, BOX_COLUMNS), -1, np.int32)
   if not graph.boxes:
     return out
-  ends: dict[int, list[Optional[int]]] = {}
-  for s, d, t in graph.edges:
-    if t == "subj":
-      ends.setdefault(d, [None, None])[0] = s
-    elif t == "obj":
-      ends.setdefault(s, [None, None])[1] = d
+  subj, obj = graph.relation_ends()
   for i, (ntype, _) in enumerate(graph.nodes):
-    parts = ([i, None] if ntype == "object" else ends.get(i, [None, None])
-             if ntype == "relation" else [None, None])
-    for k, node in enumerate(parts):
-      if node is not None and graph.box(node) is not None:
-        out[slot_of[i], 4 * k:4 * k + 4] = graph.box(node)
+    parts = ([[i], []] if ntype == "object" else [subj[i], obj[i]] if ntype == "relation"
+             else [[], []])
+    for k, ends in enumerate(parts):
+      if ends and graph.box(ends[0]) is not None:
+        out[slot_of[i], 4 * k:4 * k + 4] = graph.box(ends[0])
   return out
 
 

@@ -653,6 +653,13 @@ def _object_rank(colour_of: dict[int, int], anchor: Sequence[int]) -> dict[int, 
   return {c: k for k, c in enumerate(order)}
 
 
+def _anchored_pair_slot(a: int, b: int, max_objects: int) -> int:
+  """The first of the three family slots of object slots a < b on the anchored grid."""
+  k = max_objects
+  pair = a * (2 * k - a - 1) // 2 + (b - a - 1)
+  return k + _ATTR_SLOTS * k + _NUM_FAMILIES * pair
+
+
 def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, int, str]],
                    *, max_objects: int, anchor: Sequence[int] = ()) -> list[Optional[int]]:
   """The anchored-grid slot of every node (None: no place; see `palette_slots`).
@@ -665,7 +672,7 @@ def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, 
   colour_of, owner, ends = _colours_and_ends(nodes, edges)
   rank = _object_rank(colour_of, anchor)
   obj_slot = {i: rank[c] for i, c in colour_of.items() if rank[c] < k}
-  first_attr, first_rel = k, k + _ATTR_SLOTS * k
+  first_attr = k
   slots: list[Optional[int]] = []
   for i, (ntype, tag) in enumerate(nodes):
     slot = None
@@ -676,9 +683,7 @@ def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, 
     elif ntype == "relation" and tag in RELATION_FAMILY:
       s, o = ends.get(i, (None, None))
       if s in obj_slot and o in obj_slot and obj_slot[s] < obj_slot[o]:
-        a, b = obj_slot[s], obj_slot[o]
-        pair = a * (2 * k - a - 1) // 2 + (b - a - 1)
-        slot = first_rel + _NUM_FAMILIES * pair + RELATION_FAMILY[tag]
+        slot = _anchored_pair_slot(obj_slot[s], obj_slot[o], k) + RELATION_FAMILY[tag]
     elif ntype == "concept":
       slot = anchored_slot_count(k) - 1
     slots.append(slot)
@@ -692,13 +697,11 @@ def anchored_pair_boxes(node_box: np.ndarray, max_objects: int) -> np.ndarray:
   its 3DSG target may fill all three family slots, each read off the same two boxes."""
   k = max_objects
   out = np.array(node_box, copy=True)
-  first_rel = k + _ATTR_SLOTS * k
   for a in range(k):
     for b in range(a + 1, k):
       if out[a, 0] < 0 or out[b, 0] < 0:
         continue
-      pair = a * (2 * k - a - 1) // 2 + (b - a - 1)
-      first = first_rel + _NUM_FAMILIES * pair
+      first = _anchored_pair_slot(a, b, k)
       out[first:first + _NUM_FAMILIES, :4] = out[a, :4]
       out[first:first + _NUM_FAMILIES, 4:] = out[b, :4]
   return out
