@@ -431,10 +431,9 @@ def _graph_json(graph: graphs_lib.SceneGraph) -> dict:
   shape_of = {graph.nodes[src][1]: graph.nodes[dst][1] for src, dst, etype in graph.edges
               if etype == "attr-of" and graph.nodes[src][1] in scenes.COLOUR_RANK}
   said = lambda name: f"{name} {shape_of[name]}" if name in shape_of else name  # noqa: E731
-  return {"nodes": [{"type": t, "tag": g} for t, g in graph.nodes],
-          "edges": [list(e) for e in graph.edges],
-          "relations": [f"{said(a)} {p} {said(b)}"
-                        for a, p, b in graph.triples(identify_by=scenes.COLOUR_RANK)]}
+  # `to_json` keeps the VSG's boxes, so a written VSG reads back as `--vsg` unchanged.
+  return dict(graph.to_json(), relations=[
+      f"{said(a)} {p} {said(b)}" for a, p, b in graph.triples(identify_by=scenes.COLOUR_RANK)])
 
 
 def _accuracies(hits) -> list[float]:

@@ -90,6 +90,9 @@ def test_train_then_eval_then_generate(sd3_workdir):
   assert gen.returncode == 0, gen.stderr[-3000:]
   made = json.loads((out / "generated.json").read_text())
   assert len(made[0]["captions"]) == 2 and (out / "image001_captions.png").stat().st_size > 0
+  # The given VSG, boxes included, is what generated.json reports.
+  assert [n.get("box") for n in made[0]["vsg"]["nodes"]] == \
+      [n.get("box") for n in record["vsg"]["nodes"]]
   gen = _generate(tmp_path, f"--graph={tmp_path / 'vsg.json'}", "--num=1", f"--out={out}")
   assert gen.returncode == 0, gen.stderr[-3000:]
   assert (out / "graph001_3dsg.png").stat().st_size > 0
