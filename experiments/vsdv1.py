@@ -41,6 +41,8 @@ def get_config(arg=None):
   data.graph_overflow = "truncate"  # real annotations: cut and count, never fail the run
   # No unique colours to key slots on (README, "Differences from the paper"): node order.
   data.graph_layout = "sequential"
+  for chain in ("image_denoiser", "text_denoiser"):  # slot roles exist on the anchored grid
+    config.model[chain].graph_context = False
   if parsed.tiny:
     data.max_nodes, data.max_edges = 24, 32
     return config

@@ -141,6 +141,10 @@ def validate(config) -> None:
       errors.append(f"data.max_nodes={_at(config, 'data.max_nodes')} must be {slots}, the "
                     f"slot count of data.graph_layout={layout!r}"
                     + (f" at data.max_objects={max_objects}" if layout == "anchored" else ""))
+  for chain in ("image_denoiser", "text_denoiser"):
+    if _at(config, f"model.{chain}.graph_context") is True and layout != "anchored":
+      errors.append(f"model.{chain}.graph_context reads slot roles off the anchored grid; "
+                    f"data.graph_layout={layout!r} needs it False")
   pick("diffusion.kind", schedules.TRANSITION_KINDS)
   pick("diffusion.schedule", schedules.SCHEDULES)
   num("diffusion.num_steps", low=1, integer=True)

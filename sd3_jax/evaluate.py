@@ -479,6 +479,30 @@ def object_figures(examples: Sequence[dict]) -> dict[str, Optional[float]]:
           "st2i/spatial_acc_drawn": sum(drawn) / len(drawn) if drawn else None}
 
 
+def caption_object_figures(captions: Sequence[str],
+                           golds: Sequence[dict]) -> dict[str, Optional[float]]:
+  """Is a caption's relation wrong because it names an object the scene lacks, or because
+  it relates two right objects wrongly?
+
+  si2t/object_precision: the share of the objects the captions' relations name that match
+  a gold object (colour, and size / shape where stated); si2t/spatial_acc_named: the
+  spatial accuracy over the relations whose two objects both match (None if none).
+  """
+  named, matched, hits_named = 0, 0, []
+  for text, gold in zip(captions, golds):
+    triples = scene_captions.parse_caption(text)
+    _, objects = verifier.gold_from_graph(gold)
+    for (s, _, o), hit in zip(triples, verifier.verify_triples(triples, gold)):
+      ok = [verifier.object_matches(scene_captions.parse_desc(d), objects) for d in (s, o)]
+      named += 2
+      matched += sum(ok)
+      if all(ok):
+        hits_named.append(hit)
+  return {"si2t/object_precision": matched / named if named else None,
+          "si2t/spatial_acc_named": (sum(hits_named) / len(hits_named) if hits_named
+                                     else None)}
+
+
 def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
                  tag: str = "final") -> dict[str, Any]:
   """Generates `eval.num_samples` test examples both ways; returns every Table-2 metric.
@@ -500,6 +524,8 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
     si2t/spatial_acc, si2t/per_predicate: parsed relations of the caption that hold in the
       gold 3DSG (objects matched by colour, size and shape);
     si2t/trirec: gold-3DSG relation triples (by colour) the caption parser finds.
+    si2t/object_precision, si2t/spatial_acc_named: `caption_object_figures` (objects the
+      scene lacks vs right objects wrongly related).
   3DSG (variants with the graph): graph/{trirec,triprec,trif1}_from_{tsg,vsg}, the
     3DSG generated inside ST2I (from the TSG) and SI2T (from the VSG) vs the gold 3DSG
     (`graph_triples`: by colour, converse-invariant), next to
@@ -572,7 +598,8 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
   if jax.process_index() == 0:
     # Per-example hits and triple counts: what the report's bootstrap intervals resample.
     per_example = [
-        {"index": ex["index"], "st2i_hits": [bool(h) for h in ex["image_hits"]],
+        {"index": ex["index"], "prompt": ex["prompt"], "caption": ex["caption"],
+         "st2i_hits": [bool(h) for h in ex["image_hits"]],
          "si2t_hits": [bool(h) for h in hits],
          **{k: [int(c) for c in np.ravel(ex[k])] for k in
             ("from_vsg", "from_tsg", "copy_vsg", "copy_tsg") if k in ex}}
@@ -595,6 +622,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
       "st2i/trirec": sum(ex["trirec_gen"] for ex in examples) / num_rel,
       "st2i/trirec_real": sum(ex["trirec_real"] for ex in examples) / num_rel,
       **object_figures(examples),
+      **caption_object_figures(captions, golds),
   }
   result.update(scorers.result([ex["features"] for ex in examples], ev.is_splits))
   unavailable = dict(scorers.unavailable)

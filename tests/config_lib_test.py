@@ -37,6 +37,16 @@ def test_graph_layout_is_checked(file, overrides, says):
     config_lib.validate(config)
 
 
+def test_graph_context_needs_the_anchored_grid():
+  config = config_lib.load_config(EXPERIMENTS / "spatial_scenes.py", "tiny")
+  assert config.model.text_denoiser.graph_context
+  config.data.update(graph_layout="sequential")
+  with pytest.raises(config_lib.ConfigError, match="model.text_denoiser.graph_context"):
+    config_lib.validate(config)
+  config.model.text_denoiser.graph_context = False
+  config_lib.validate(config)
+
+
 def test_a_chain_loss_with_no_term_is_rejected():
   config = config_lib.load_config(EXPERIMENTS / "spatial_scenes.py", "tiny")
   config.diffusion.update(vlb_weight=0.0, aux_weight=1.0, adaptive_aux=False)

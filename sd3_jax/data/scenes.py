@@ -690,6 +690,27 @@ def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, 
   return slots
 
 
+def anchored_slot_context(max_objects: int) -> tuple[tuple[int, ...], ...]:
+  """Per anchored slot, the slots a reader of that slot alone needs: (the slot, its first
+  object's slot and attribute slots, its second object's), -1 where there is none.
+
+  An object's first object is itself, an attribute's its owner, a relation's its subject
+  (the lower object slot) and its second its object; the concept has neither. So one slot
+  with its context states a whole fact ("small red cube", "red cube left of blue ball").
+  """
+  k = max_objects
+  own = lambda a: (a, *range(k + _ATTR_SLOTS * a, k + _ATTR_SLOTS * (a + 1)))  # noqa: E731
+  none = (-1,) * (1 + _ATTR_SLOTS)
+  rows = [(a, *own(a), *none) for a in range(k)]
+  rows += [(k + i, *own(i // _ATTR_SLOTS), *none) for i in range(_ATTR_SLOTS * k)]
+  for a in range(k):
+    for b in range(a + 1, k):
+      first = _anchored_pair_slot(a, b, k)
+      rows += [(first + f, *own(a), *own(b)) for f in range(_NUM_FAMILIES)]
+  rows.append((anchored_slot_count(k) - 1, *none, *none))
+  return tuple(rows)
+
+
 def anchored_pair_boxes(node_box: np.ndarray, max_objects: int) -> np.ndarray:
   """A padded graph's `node_box` with every relation slot of an object pair whose two
   object slots have boxes holding [lower slot's box, higher slot's box], whether or not the

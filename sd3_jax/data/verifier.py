@@ -221,6 +221,13 @@ def _matches(desc: scene_captions.ObjectDesc, gold: Optional[scene_captions.Obje
           and (desc.shape in (None, "object") or desc.shape == gold.shape))
 
 
+def object_matches(desc: scene_captions.ObjectDesc,
+                   objects: dict[str, scene_captions.ObjectDesc]) -> bool:
+  """Does a described object (colour, optional size / shape) match the scene's object of
+  that colour?"""
+  return _matches(desc, objects.get(desc.colour))
+
+
 def verify_triples(triples: Sequence[Triple], gold: GoldSpec) -> list[bool]:
   """Hits of (s desc, p, o desc) triples against a gold 3DSG or relation set by colour."""
   if isinstance(gold, dict):
@@ -232,7 +239,7 @@ def verify_triples(triples: Sequence[Triple], gold: GoldSpec) -> list[bool]:
     sd, od = scene_captions.parse_desc(s), scene_captions.parse_desc(o)
     ok = (sd.colour, p, od.colour) in rels
     if objects is not None:
-      ok = ok and _matches(sd, objects.get(sd.colour)) and _matches(od, objects.get(od.colour))
+      ok = ok and object_matches(sd, objects) and object_matches(od, objects)
     hits.append(ok)
   return hits
 

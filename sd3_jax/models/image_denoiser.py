@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd3_jax.models.layers import DenoiserTransformer, constrain, dense_init, zeros_init
+from sd3_jax.models.layers import (DenoiserTransformer, constrain, dense_init,
+                                   slot_context_features, zeros_init)
 
 Array = jax.Array
 Dtype = Any
@@ -32,6 +33,9 @@ class ImageDenoiser(nn.Module):
     num_layers, width, num_heads, mlp_ratio: transformer size.
     cond_width: width of the projected condition tokens (default: width).
     graph_dim: width Dg of the graph node features; None = model without a 3DSG slot.
+    graph_context: optional static [N][R] context slots of each graph slot
+      (`scenes.anchored_slot_context`): each graph token adds its context slots' projected
+      features, so one token states a whole fact (a relation with its two objects).
     null_cond_len: length of the learned null condition.
     dropout_rate, attention_dropout_rate, remat: see `DenoiserTransformer`.
   """
@@ -43,6 +47,7 @@ class ImageDenoiser(nn.Module):
   mlp_ratio: int = 4
   cond_width: Optional[int] = None
   graph_dim: Optional[int] = None
+  graph_context: Optional[Tuple[Tuple[int, ...], ...]] = None
   null_cond_len: int = 1
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -105,6 +110,9 @@ class ImageDenoiser(nn.Module):
         graph_feats = jnp.zeros((b, 0, self.graph_dim), self.dtype)
         graph_mask = jnp.zeros((b, 0), bool)
       g = project(graph_feats, "graph_proj") + types[1].astype(self.dtype)
+      if self.graph_context is not None:
+        g = g + project(slot_context_features(g, graph_mask, self.graph_context),
+                        "graph_context_proj")
       cond = jnp.concatenate([cond, g], axis=1)
       cond_mask = jnp.concatenate([cond_mask, graph_mask.astype(bool)], axis=1)
     cond = constrain(cond, ("batch", "cond_length", "embed"))

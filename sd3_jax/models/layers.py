@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -331,6 +332,30 @@ class DenoiserBlock(nn.Module):
     y = Mlp(self.mlp_ratio, self.dropout_rate, **kw, name="mlp")(y, deterministic)
     x = x + drop(y, deterministic=deterministic)
     return constrain(x, _BLOCK_AXES)
+
+
+def slot_context_features(feats: Array, mask: Array,
+                          context: Sequence[Sequence[int]]) -> Array:
+  """Each graph slot's context slots' features side by side.
+
+  Args:
+    feats: [B, N, D] per-slot features; mask: [B, N] bool, True = real node.
+    context: static [N][R] slot indices (-1: none), e.g. `scenes.anchored_slot_context`.
+
+  Returns:
+    [B, N, R·D]: block r of slot n is feats[:, context[n][r]], zero where that slot is -1
+    or not a real node.
+  """
+  b, n, d = feats.shape
+  idx = np.asarray(context, np.int32)
+  if n == 0:
+    return jnp.zeros((b, 0, idx.shape[1] * d), feats.dtype)
+  if idx.shape[0] != n:
+    raise ValueError(f"graph has {n} slots, the slot context table {idx.shape[0]}")
+  safe = np.where(idx >= 0, idx, 0)
+  keep = mask.astype(bool)[:, safe] & (idx >= 0)[None]
+  x = jnp.where(keep[..., None], feats[:, safe], 0)
+  return x.reshape(b, n, idx.shape[1] * d)
 
 
 def apply_null_condition(cond: Array, cond_mask: Array, null_cond: Array,

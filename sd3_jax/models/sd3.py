@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from sd3_jax import diffusion
 from sd3_jax import pretrained
+from sd3_jax.data import scenes
 from sd3_jax.models import aligned_decoders
 from sd3_jax.models import clip as clip_lib
 from sd3_jax.models import dgae as dgae_lib
@@ -147,6 +148,8 @@ class SD3:
                         num_heads=m.text_decoder.num_heads,
                         prefix_dim=m.text_decoder.width + code_dim,
                         max_prefix_length=c.data.max_text_len + c.data.max_nodes)
+    context = scenes.anchored_slot_context(c.data.max_objects)
+    graph_context = lambda chain: context if m[chain].graph_context else None  # noqa: E731
     nets = dict(
         vqvae=vq,
         clip=clip,
@@ -157,11 +160,11 @@ class SD3:
         dgae=dgae_lib.DGAE(dgae_cfg),
         g_v=aligned_decoders.GraphFusedImageDecoder.for_tokenizer(vq),
         g_t=g_t,
-        image_den=image_denoiser.ImageDenoiser(
+        image_den=image_denoiser.ImageDenoiser(graph_context=graph_context("image_denoiser"),
             codebook_size=vq.num_codes, grid_shape=(grid, grid), width=den["image"].width,
             num_layers=den["image"].num_layers, num_heads=den["image"].num_heads,
             graph_dim=code_dim, **compute),
-        text_den=text_denoiser.TextDenoiser(
+        text_den=text_denoiser.TextDenoiser(graph_context=graph_context("text_denoiser"),
             vocab_size=self.text_vocab_size, max_length=c.data.max_text_len,
             width=den["text"].width, num_layers=den["text"].num_layers,
             num_heads=den["text"].num_heads, graph_dim=code_dim, **compute),

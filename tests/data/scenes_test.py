@@ -297,6 +297,43 @@ def test_anchored_layout_puts_the_3dsg_on_its_2dsgs_slots():
   assert flipped > 0 and tail > 10
 
 
+def test_anchored_slot_context_names_each_slots_objects_and_their_attributes():
+  """On real laid-out 3DSGs: an object's context is itself and its attributes, an
+  attribute's its owner's, a relation's its subject's then its object's (with theirs)."""
+  from sd3_jax.data import graphs
+  k = 5
+  context = scenes.anchored_slot_context(k)
+  assert len(context) == scenes.anchored_slot_count(k)
+  assert all(row[0] == n for n, row in enumerate(context))
+  checked = 0
+  for seed in range(30):
+    _, rec = _record(seed)
+    g = graphs.SceneGraph.from_json(rec["scene_3dsg"])
+    slots = scenes.anchored_slots(g.nodes, g.edges, max_objects=k)
+    owner = {s: d for s, d, t in g.edges if t == "attr-of"}
+    attrs = {o: {slots[a] for a, d in owner.items() if d == o} for o in set(owner.values())}
+    subj = {d: s for s, d, t in g.edges if t == "subj"}
+    obj = {s: d for s, d, t in g.edges if t == "obj"}
+
+    def is_block_of(row, first, o):  # the object node o and its attribute slots
+      table = set(row[first + 1:first + 4])
+      return row[first] == slots[o] and attrs[o] <= table and \
+          table == set(range(k + 3 * slots[o], k + 3 * slots[o] + 3))
+
+    for i, (ntype, _) in enumerate(g.nodes):
+      row = context[slots[i]]
+      if ntype == "object":
+        assert is_block_of(row, 1, i) and row[5:] == (-1,) * 4
+      elif ntype == "attribute":
+        assert is_block_of(row, 1, owner[i])
+      elif ntype == "relation":
+        assert is_block_of(row, 1, subj[i]) and is_block_of(row, 5, obj[i])
+        checked += 1
+      else:
+        assert row[1:] == (-1,) * 8
+  assert checked > 50
+
+
 def test_anchored_slots_reject_objects_past_the_grid():
   nodes = (("object", "cube"), ("attribute", "red"), ("object", "cone"),
            ("attribute", "blue"), ("object", "cone"), ("attribute", "green"))

@@ -180,3 +180,19 @@ def test_bad_position_embedding_raises():
     _init(_tiny(position_embedding="rope"), x, t, cond, mask)
   with pytest.raises(ValueError, match="grid_shape"):
     _init(_tiny(position_embedding="2d"), x, t, cond, mask)
+
+
+def test_slot_context_features_gather_each_slots_context_and_zero_the_rest():
+  feats = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3))
+  mask = jnp.array([[True, True, True, False], [True, False, True, True]])
+  context = ((0, 1), (1, -1), (2, 3), (3, 0))
+  got = np.asarray(layers.slot_context_features(feats, mask, context))
+  assert got.shape == (2, 4, 6)
+  for b in range(2):
+    for n, row in enumerate(context):
+      for r, m in enumerate(row):
+        want = feats[b, m] if m >= 0 and mask[b, m] else np.zeros(3)
+        np.testing.assert_allclose(got[b, n, 3 * r:3 * r + 3], want)
+  assert layers.slot_context_features(feats[:, :0], mask[:, :0], context).shape == (2, 0, 6)
+  with pytest.raises(ValueError, match="3 slots, the slot context table 4"):
+    layers.slot_context_features(feats[:, :3], mask[:, :3], context)
