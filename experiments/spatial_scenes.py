@@ -152,10 +152,11 @@ def get_config(arg=None):
   # Each stage also pays ~30-40 s of compilation and held-out evaluation on 2 CPU cores.
   # `substeps`: train steps per compiled call (a lax.scan, same results; calls also end at
   # log/checkpoint/sample steps). Each XLA:CPU call maps and zeroes a fresh temp arena
-  # (780 MiB for the dual step), so 5 per call make stages 1, 3 and 4 15-40% faster; stages
-  # that train convolutions keep 1 (XLA:CPU's conv weight gradients in a loop are ~25x slower).
+  # (780 MiB for the dual step), so 5 per call make stages 0b, 1, 3 and 4 15-40% faster;
+  # stages that train convolutions keep 1 (XLA:CPU's conv weight gradients in a loop are
+  # ~25x slower; CLIP's patch embedding is a matmul for this reason).
   config.stage0a = _stage(800, 2e-3)  # VQ-VAE
-  config.stage0b = _stage(800, 1e-3)  # contrastive encoders + marginal priors p̂(y), p̂(i)
+  config.stage0b = _stage(800, 1e-3, substeps=5)  # contrastive encoders + priors p̂(y), p̂(i)
   config.stage1 = _stage(500, 2e-3, substeps=5)  # DGAE
   # The DGAE quality gate: held-out floors checked before the graph diffusion trains on its
   # codes (the run stops with a message below them).

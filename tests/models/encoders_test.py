@@ -109,3 +109,15 @@ def test_tiny_pair_overfits_to_full_retrieval():
   t2i, i2t = encoders.retrieval_accuracy(*embs)
   assert float(t2i) == 1.0 and float(i2t) == 1.0
   assert float(loss) < 0.1
+
+
+def test_clip_patch_embedding_is_the_strided_convolution():
+  """Same parameter (init included) and output as nn.Conv(p×p, stride p, no bias); it
+  exists because a convolution's weight gradient is slow inside a scan on XLA:CPU."""
+  from sd3_jax.models import clip  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 32, 24, 3))
+  conv = nn.Conv(16, (8, 8), (8, 8), padding="VALID", use_bias=False)
+  patch = clip.PatchEmbedding(16, 8)
+  variables = patch.init(jax.random.key(3), x)
+  assert jax.tree.all(jax.tree.map(np.array_equal, variables, conv.init(jax.random.key(3), x)))
+  np.testing.assert_allclose(patch.apply(variables, x), conv.apply(variables, x), atol=1e-5)
