@@ -13,6 +13,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from sd3_jax import config_lib
 from sd3_jax import metrics as metrics_lib
 
 # Async saves overlap training; orbax's note that a save waited for the previous one is noise.
@@ -101,7 +102,17 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if with_data and (pathlib.Path(manager.directory) / str(step) / "data").exists():
     items["data"] = DataStateRestore()
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except ValueError as e:
+    if "do not match" not in str(e) and "mismatch" not in str(e):
+      raise
+    # A workdir written by another model (the code or the model config changed since):
+    # the user's to fix, in one line, not orbax's tree diff.
+    raise config_lib.ConfigError(
+        f"{manager.directory} (step {step}) holds another model than this config builds "
+        "(the code or model config changed since it was written): use a fresh --workdir, "
+        "or start from its weights with --config.init_from") from None
   return step, restored["state"], restored.get("data") if "data" in items else None
 
 

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sd3_jax import checkpointing, sharding, train, train_state
+from sd3_jax import checkpointing, config_lib, sharding, train, train_state
 
 
 def _save_stage(directory, mesh):
@@ -70,3 +71,13 @@ def test_restore_weights_keeps_the_networks_that_fit_when_others_changed_shape(t
   got = checkpointing.restore_weights(tmp_path, abstract)
   assert got["fresh"] == ["b", "c"] and got["params"]["b"] is None
   np.testing.assert_array_equal(got["params"]["a"]["w"], saved["a"]["w"])
+
+
+def test_a_checkpoint_of_another_model_is_one_clear_error(tmp_path):
+  mesh = sharding.make_mesh([("data", 8), ("fsdp", 1), ("tensor", 1)])
+  saved = _save_stage(tmp_path / "stage1", mesh)
+  other = saved.replace(params=dict(saved.params, extra=jnp.zeros(3)),
+                        ema_params=dict(saved.ema_params, extra=jnp.zeros(3)))
+  manager = checkpointing.make_manager(tmp_path / "stage1", async_save=False)
+  with pytest.raises(config_lib.ConfigError, match="holds another model .* fresh --workdir"):
+    checkpointing.restore(manager, checkpointing.abstract(other))
