@@ -193,7 +193,7 @@ def get_config(arg=None):
       # Held-out curve points on `curve_examples` val examples every N steps, drawn in
       # curves.png: 3DSG F1 from the VSG / TSG with the copy baselines in stages 3 and 4,
       # ST2I / SI2T spatial accuracy with their chance baselines in stage 4; 0: none.
-      eval_every_steps=400, curve_examples=64))
+      eval_every_steps=600, curve_examples=64))
 
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=128, sampling_steps=25, truncation_r=0.86, guidance_scale=2.0,
@@ -252,7 +252,7 @@ def get_config(arg=None):
     for name in ("image_denoiser", "text_denoiser", "graph_denoiser"):
       model[name].update(width=64, num_layers=2, num_heads=4)
     model.clip.update(width=64, num_layers=1, num_heads=4, embed_dim=64)
-    for name, steps in (("stage0a", 300), ("stage0b", 150), ("stage1", 150),
+    for name, steps in (("stage0a", 300), ("stage0b", 150), ("stage1", 300),
                         ("stage2", 50), ("stage3", 300), ("stage4", 400)):
       config[name].update(num_steps=steps, warmup_steps=20)
     config.train.update(log_every_steps=50, checkpoint_every_steps=1000, eval_every_steps=0)
