@@ -147,7 +147,7 @@ def get_config(arg=None):
   config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, grad_clip=1.0,
                                                 end_lr_factor=0.1, ema_decay=0.99,
                                                 grad_accum_steps=1))
-  # The whole default job takes ~40 minutes on 2 CPU cores, stage 4 (the dual step) ~17 of
+  # The whole default job takes ~30 minutes on 2 CPU cores, stage 4 (the dual step) ~14 of
   # them (README: what each stage costs and reaches); scale up on accelerators.
   # Each stage also pays ~30-40 s of compilation and held-out evaluation on 2 CPU cores.
   # `substeps`: train steps per compiled call (a lax.scan, same results; calls also end at
