@@ -101,7 +101,8 @@ class TextEmbeddings(nn.Module):
 class PatchEmbedding(nn.Module):
   """nn.Conv(features, (p, p), strides p, VALID, no bias) as one matmul over the flattened
   patches: the same parameter and result, but XLA:CPU computes a convolution's weight
-  gradient inside a scan (train calls with `substeps` > 1) ~25x slower than a matmul's."""
+  gradient inside a scan (train calls with `substeps` > 1) ~26x slower than a matmul's
+  (`python -m sd3_jax.benchmarks.conv_in_scan`)."""
   features: int
   patch_size: int
 
