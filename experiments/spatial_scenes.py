@@ -4,7 +4,7 @@ COMMAND:
   python -m sd3_jax.main --config=experiments/spatial_scenes.py --workdir=/tmp/sd3_scenes
 
 Arguments (after the colon, comma-separated): `tiny` (the test size), `learn` (the
-learning test's tier: 2 objects, small networks, ~6 minutes; tests/learning_test.py), `full`,
+learning test's tier: 2 objects, small networks, ~7 minutes; tests/learning_test.py), `full`,
 `variant=singleton|singleton_3d|vanilla_dual|sd3`. Every value below can be overridden with
 `--config.<key>=<value>`; ablations are `--config.variant=...`, stage selection
 `--config.stages=0,1,2,3,4`.
@@ -246,7 +246,7 @@ def get_config(arg=None):
     config.train.eval_every_steps = 2000
   if arg.learn:
     # The smallest run in which the chains must learn (tests/learning_test.py): two
-    # objects a scene, narrow networks, a few hundred steps a stage (~6 min on 2 cores).
+    # objects a scene, narrow networks, a few hundred steps a stage (~7 min on 2 cores).
     data.update(min_objects=2, max_objects=2, max_nodes=12, max_edges=16,  # 2 + 6 + 3 + 1 slots
                 num_train=2000, num_val=64, num_test=128, max_text_len=32, check_batches=2)
     for name in ("image_denoiser", "text_denoiser", "graph_denoiser"):

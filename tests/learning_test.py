@@ -1,5 +1,5 @@
 """The chains learn: a short SD³ run of the `learn` tier (2 objects a scene, small networks,
-~6 minutes on 2 cores) must generate images and captions that the verifier finds right far
+~7 minutes on 2 cores) must generate images and captions that the verifier finds right far
 more often than its chance baselines (shuffled real images / captions on the same
 examples), and a 3DSG better than copying its 2DSG."""
 import json
