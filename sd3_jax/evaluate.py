@@ -479,20 +479,20 @@ def object_figures(examples: Sequence[dict]) -> dict[str, Optional[float]]:
           "st2i/spatial_acc_drawn": sum(drawn) / len(drawn) if drawn else None}
 
 
-def caption_object_figures(captions: Sequence[str],
-                           golds: Sequence[dict]) -> dict[str, Optional[float]]:
+def caption_object_figures(captions: Sequence[str], golds: Sequence[dict],
+                           caption_hits: Sequence[Sequence[bool]]) -> dict[str, Optional[float]]:
   """Is a caption's relation wrong because it names an object the scene lacks, or because
-  it relates two right objects wrongly?
+  it relates two right objects wrongly? `caption_hits`: `verifier.verify_captions`.
 
   si2t/object_precision: the share of the objects the captions' relations name that match
   a gold object (colour, and size / shape where stated); si2t/spatial_acc_named: the
   spatial accuracy over the relations whose two objects both match (None if none).
   """
   named, matched, hits_named = 0, 0, []
-  for text, gold in zip(captions, golds):
-    triples = scene_captions.parse_caption(text)
+  for text, gold, hits in zip(captions, golds, caption_hits):
     _, objects = verifier.gold_from_graph(gold)
-    for (s, _, o), hit in zip(triples, verifier.verify_triples(triples, gold)):
+    # A caption without a parsable relation has one miss and no triples: zip skips it.
+    for (s, _, o), hit in zip(scene_captions.parse_caption(text), hits):
       ok = [verifier.object_matches(scene_captions.parse_desc(d), objects) for d in (s, o)]
       named += 2
       matched += sum(ok)
@@ -622,7 +622,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
       "st2i/trirec": sum(ex["trirec_gen"] for ex in examples) / num_rel,
       "st2i/trirec_real": sum(ex["trirec_real"] for ex in examples) / num_rel,
       **object_figures(examples),
-      **caption_object_figures(captions, golds),
+      **caption_object_figures(captions, golds, caption_hits),
   }
   result.update(scorers.result([ex["features"] for ex in examples], ev.is_splits))
   unavailable = dict(scorers.unavailable)

@@ -294,3 +294,22 @@ def test_object_figures_split_undrawn_from_misplaced():
       "st2i/spatial_acc_drawn": 0.5}
   examples[1]["both_drawn"] = [False, False]
   assert evaluate.object_figures(examples)["st2i/spatial_acc_drawn"] is None
+
+
+def test_caption_object_figures_split_wrong_objects_from_wrong_relations():
+  ex = scenes.make_example(3, image_size=32)
+  gold = scenes.scene_to_record(ex.scene, "images/t/3.png", rendered=ex.rendered,
+                                described=ex.described)["scene_3dsg"]
+  rels, objects = evaluate.verifier.gold_from_graph(gold)
+  (a, p, b) = sorted(rels)[0]
+  missing = next(c for c in evaluate.scene_captions.COLOURS if c not in objects)
+  wrong_p = next(q for q in scenes.CONVERSE if (a, q, b) not in rels)
+  shape = lambda c: f"the {c} {objects[c].shape}"  # noqa: E731
+  captions = [f"{shape(a)} is {p} {shape(b)}.",          # right objects, right relation
+              f"{shape(a)} is {wrong_p} {shape(b)}.",    # right objects, wrong relation
+              f"{shape(a)} is {p} the {missing} cube.",  # one object the scene lacks
+              "a scene."]                                # no relation: one miss, no objects
+  hits = evaluate.verifier.verify_captions(captions, [gold] * 4)
+  assert hits == [[True], [False], [False], [False]]
+  assert evaluate.caption_object_figures(captions, [gold] * 4, hits) == {
+      "si2t/object_precision": 5 / 6, "si2t/spatial_acc_named": 0.5}

@@ -148,8 +148,8 @@ class SD3:
                         num_heads=m.text_decoder.num_heads,
                         prefix_dim=m.text_decoder.width + code_dim,
                         max_prefix_length=c.data.max_text_len + c.data.max_nodes)
-    context = scenes.anchored_slot_context(c.data.max_objects)
-    graph_context = lambda chain: context if m[chain].graph_context else None  # noqa: E731
+    graph_context = lambda chain: (  # noqa: E731
+        scenes.anchored_slot_context(c.data.max_objects) if m[chain].graph_context else None)
     nets = dict(
         vqvae=vq,
         clip=clip,
