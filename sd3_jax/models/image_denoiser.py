@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd3_jax.models.layers import (DenoiserTransformer, constrain, dense_init,
-                                   slot_context_features, zeros_init)
+from sd3_jax.models.layers import DenoiserTransformer, condition_sequence
 
 Array = jax.Array
 Dtype = Any
@@ -86,36 +85,9 @@ class ImageDenoiser(nn.Module):
     if x_t.shape[1] != self.num_tokens:
       raise ValueError(f"x_t has {x_t.shape[1]} tokens, grid {self.grid_shape} needs "
                        f"{self.num_tokens}")
-    if graph_feats is not None and self.graph_dim is None:
-      raise ValueError("graph_feats given but the denoiser has no graph slot "
-                       "(set graph_dim)")
-    if graph_feats is not None and graph_mask is None:
-      raise ValueError("graph_feats needs graph_mask [B, N]")
-    b = x_t.shape[0]
-    cw = self.cond_width or self.width
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    types = self.param("cond_type_embed", dense_init((None, "cond_embed"),
-                                                     nn.initializers.normal(0.02)),
-                       (2, cw), self.param_dtype)
-
-    def project(feats, name):
-      return nn.Dense(cw, **kw, kernel_init=dense_init(("embed", "cond_embed")),
-                      bias_init=zeros_init(("cond_embed",)), name=name)(feats)
-
-    cond = project(text_feats, "text_proj") + types[0].astype(self.dtype)
-    cond_mask = text_mask.astype(bool)
-    if self.graph_dim is not None:
-      if graph_feats is None:
-        # No 3DSG for this call: zero graph tokens, but the projection's parameters exist.
-        graph_feats = jnp.zeros((b, 0, self.graph_dim), self.dtype)
-        graph_mask = jnp.zeros((b, 0), bool)
-      g = project(graph_feats, "graph_proj") + types[1].astype(self.dtype)
-      if self.graph_context is not None:
-        g = g + project(slot_context_features(g, graph_mask, self.graph_context),
-                        "graph_context_proj")
-      cond = jnp.concatenate([cond, g], axis=1)
-      cond_mask = jnp.concatenate([cond_mask, graph_mask.astype(bool)], axis=1)
-    cond = constrain(cond, ("batch", "cond_length", "embed"))
+    cond, cond_mask = condition_sequence(self, text_feats, text_mask, "text_proj",
+                                         graph_feats, graph_mask)
 
     return DenoiserTransformer(
         num_classes=self.codebook_size, num_layers=self.num_layers, width=self.width,

@@ -358,6 +358,57 @@ def slot_context_features(feats: Array, mask: Array,
   return x.reshape(b, n, idx.shape[1] * d)
 
 
+def condition_sequence(denoiser: nn.Module, source_feats: Array, source_mask: Array,
+                       source_name: str, graph_feats: Optional[Array],
+                       graph_mask: Optional[Array]) -> Tuple[Array, Array]:
+  """A 3D->X chain's condition: [Dense(source) + type_0 ; Dense(graph) + type_1].
+
+  Called from the compact `__call__` of an image or text denoiser, whose attributes
+  (`width`, `cond_width`, `graph_dim`, `graph_context`, dtypes) it reads: the projections
+  (`source_name`, `graph_proj`, `graph_context_proj`) and `cond_type_embed` are that
+  denoiser's own parameters. With `graph_dim` set the graph projection always exists;
+  `graph_feats=None` then adds no tokens. With `graph_context`, each graph token adds its
+  context slots' projected features (`slot_context_features`), so one token states a
+  whole fact (a relation with its two objects and their attributes).
+
+  Args:
+    source_feats: [B, Ls, Ds] text (ST2I) or image (SI2T) features; source_mask [B, Ls].
+    graph_feats: optional [B, N, Dg] 3DSG node features; graph_mask: [B, N] bool.
+
+  Returns:
+    (cond [B, Ls + N, Dc], cond_mask [B, Ls + N] bool).
+  """
+  if graph_feats is not None and denoiser.graph_dim is None:
+    raise ValueError("graph_feats given but the denoiser has no graph slot (set graph_dim)")
+  if graph_feats is not None and graph_mask is None:
+    raise ValueError("graph_feats needs graph_mask [B, N]")
+  cw = denoiser.cond_width or denoiser.width
+  dtype = denoiser.dtype
+  types = denoiser.param("cond_type_embed", dense_init((None, "cond_embed"),
+                                                       nn.initializers.normal(0.02)),
+                         (2, cw), denoiser.param_dtype)
+
+  def project(feats, name):
+    return nn.Dense(cw, dtype=dtype, param_dtype=denoiser.param_dtype,
+                    kernel_init=dense_init(("embed", "cond_embed")),
+                    bias_init=zeros_init(("cond_embed",)), name=name)(feats)
+
+  cond = project(source_feats, source_name) + types[0].astype(dtype)
+  cond_mask = source_mask.astype(bool)
+  if denoiser.graph_dim is not None:
+    if graph_feats is None:
+      b = source_feats.shape[0]
+      graph_feats = jnp.zeros((b, 0, denoiser.graph_dim), dtype)
+      graph_mask = jnp.zeros((b, 0), bool)
+    g = project(graph_feats, "graph_proj") + types[1].astype(dtype)
+    if denoiser.graph_context is not None:
+      g = g + project(slot_context_features(g, graph_mask, denoiser.graph_context),
+                      "graph_context_proj")
+    cond = jnp.concatenate([cond, g], axis=1)
+    cond_mask = jnp.concatenate([cond_mask, graph_mask.astype(bool)], axis=1)
+  return constrain(cond, ("batch", "cond_length", "embed")), cond_mask
+
+
 def apply_null_condition(cond: Array, cond_mask: Array, null_cond: Array,
                          drop_cond: Optional[Array]) -> Tuple[Array, Array]:
   """Swaps the whole condition of rows with drop_cond=True for the learned null condition.
