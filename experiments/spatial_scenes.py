@@ -62,6 +62,11 @@ def get_config(arg=None):
   data.graph_layout = "anchored"
   # = scenes.anchored_slot_count(max_objects): 4 + 12 + 18 + 1; 4 objects: <= 52 edges.
   data.max_nodes = 35
+  # Layout cells: each 3DSG object gets a coarse 3D position attribute (its 1x1 ground
+  # cell, scenes.layout_cell), on a fourth attribute slot per object (max_nodes then
+  # anchored_slot_count(max_objects, cells=True): 39 at 4 objects). The graph chain then
+  # lays out the TSG's objects and the image chain draws a layout.
+  data.layout_cells = False
   data.max_edges = 64
   data.graph_overflow = "error"  # error | truncate (truncations are counted and reported)
   data.num_workers = 0  # grain worker processes; 0 = in-process

@@ -128,11 +128,16 @@ def validate(config) -> None:
   pick("data.graph_overflow", ("error", "truncate"))
   pick("data.graph_layout", ("sequential", "palette", "anchored"))
   layout = _at(config, "data.graph_layout")
+  cells = _at(config, "data.layout_cells") is True
+  if cells and layout != "anchored":
+    errors.append(f"data.layout_cells gives each object a layout-cell slot on the anchored "
+                  f"grid; data.graph_layout={layout!r} needs it False")
   if layout in ("palette", "anchored"):
     from sd3_jax.data import scenes  # numpy only
     max_objects = _at(config, "data.max_objects")
     slots = scenes.PALETTE_SLOTS if layout == "palette" else \
-        scenes.anchored_slot_count(max_objects) if isinstance(max_objects, int) else None
+        scenes.anchored_slot_count(max_objects, cells) \
+        if isinstance(max_objects, int) else None
     if _at(config, "data.name") != "spatial_scenes":
       errors.append(f"data.graph_layout={layout!r} keys slots on the unique colours of "
                     f"spatial_scenes; data.name={_at(config, 'data.name')!r} needs "
@@ -140,7 +145,8 @@ def validate(config) -> None:
     elif slots is not None and _at(config, "data.max_nodes") != slots:
       errors.append(f"data.max_nodes={_at(config, 'data.max_nodes')} must be {slots}, the "
                     f"slot count of data.graph_layout={layout!r}"
-                    + (f" at data.max_objects={max_objects}" if layout == "anchored" else ""))
+                    + (f" at data.max_objects={max_objects}" if layout == "anchored" else "")
+                    + (" with data.layout_cells" if cells else ""))
   for chain in ("image_denoiser", "text_denoiser"):
     if _at(config, f"model.{chain}.graph_context") is True and layout != "anchored":
       errors.append(f"model.{chain}.graph_context reads slot roles off the anchored grid; "

@@ -48,6 +48,12 @@ def raw_dir(config) -> pathlib.Path:
       builders.spatial_scenes_config(config.data))
 
 
+def graph_vocab(config) -> graphs_lib.GraphVocab:
+  """The run's graph vocabulary (with the layout-cell tags under `data.layout_cells`)."""
+  return graphs_lib.GraphVocab.load(
+      raw_dir(config) / builders.graph_vocab_file(config.data.get("layout_cells", False)))
+
+
 def eval_batches(config, mesh, split: str, num_examples: int):
   """(host batch, global batch, records of the valid rows) over the first `num_examples`
   examples; each process gets its rows of the same global batches (`pipeline`)."""
@@ -152,7 +158,7 @@ def _graph_metrics(model, config, params, model_state, mesh):
 def graph_generators(model, config) -> dict[str, Callable]:
   """Jitted 2DSG -> 3DSG samplers with the constrained readout, {'vsg'|'tsg': fn(p, b, key)}
   (compiled once per shape; `graph_figures` scores them)."""
-  vocab = graphs_lib.GraphVocab.load(raw_dir(config) / builders.GRAPH_VOCAB_FILE)
+  vocab = graph_vocab(config)
   predict = functools.partial(dgae_lib.predict_padded, type_mask=vocab.type_mask())
 
   def generate_from(p, b, prefix, key):
@@ -175,7 +181,7 @@ def graph_figures(config, mesh, params, generators: dict, split: str,
   """TriRec / precision / F1 vs the gold 3DSG of the 3DSG generated from the VSG and from
   the TSG, next to the same scores of those 2D graphs themselves (copy-the-input: the
   paper's Table 4 shape), on the first `num_examples` of `split` (same keys every call)."""
-  vocab = graphs_lib.GraphVocab.load(raw_dir(config) / builders.GRAPH_VOCAB_FILE)
+  vocab = graph_vocab(config)
   counts = {f"{k}_{p}": np.zeros(3, np.int64) for k in ("copy", "from") for p in ("vsg", "tsg")}
   for i, (host, batch, recs) in enumerate(eval_batches(config, mesh, split, num_examples)):
     valid = np.asarray(host["valid"])
@@ -534,7 +540,7 @@ def spatial_eval(model, config, params, model_state, mesh, rng, workdir, *,
   """
   ev = config.eval
   tok = tokenizer_lib.load_tokenizer(raw_dir(config) / builders.TOKENIZER_DIR)
-  vocab = graphs_lib.GraphVocab.load(raw_dir(config) / builders.GRAPH_VOCAB_FILE)
+  vocab = graph_vocab(config)
   st2i, si2t, graph = make_generators(model, config, mesh)
   predict = jax.jit(functools.partial(dgae_lib.predict_padded, type_mask=vocab.type_mask()))
   flags = steps.variant_flags(config.variant)

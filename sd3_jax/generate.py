@@ -301,7 +301,8 @@ class Generator:
 
     def pad(graph, where):
       return builders.pad_laid_out(graph, self.vocab, layout, data.get("max_objects", 0),
-                                   data.max_nodes, data.max_edges, field=where)
+                                   data.max_nodes, data.max_edges,
+                                   cells=data.get("layout_cells", False), field=where)
 
     for p in sd3_lib.GRAPH_PREFIXES:
       given = graphs_2d if p == prefix and graphs_2d is not None else [empty] * b

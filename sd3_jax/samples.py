@@ -111,7 +111,7 @@ class CurvePoints:
   def __init__(self, model, config, mesh, workdir, writer, *, step_offset: int = 0):
     raw = evaluate.raw_dir(config)
     self._tokenizer = tokenizer_lib.load_tokenizer(raw / builders.TOKENIZER_DIR)
-    self._vocab = graphs_lib.GraphVocab.load(raw / builders.GRAPH_VOCAB_FILE)
+    self._vocab = evaluate.graph_vocab(config)
     self._st2i, self._si2t, self._graph = evaluate.make_generators(model, config, mesh)
     self._mesh = mesh
     self._predict = jax.jit(lambda logits: dgae_lib.predict_padded(

@@ -29,12 +29,21 @@ def test_experiment_files_load_without_jax(name):
     ("spatial_scenes.py", dict(graph_layout="palette"), "data.max_nodes=35 must be 92"),
     ("vsdv1.py", dict(graph_layout="palette"), "needs 'sequential'"),
     ("spatial_scenes.py", dict(graph_layout="grid"), "data.graph_layout"),
+    ("spatial_scenes.py", dict(layout_cells=True), "must be 39, .* with data.layout_cells"),
+    ("spatial_scenes.py", dict(layout_cells=True, graph_layout="palette", max_nodes=92),
+     "data.layout_cells gives each object a layout-cell slot on the anchored grid"),
 ])
 def test_graph_layout_is_checked(file, overrides, says):
   config = config_lib.load_config(EXPERIMENTS / file, "tiny")
   config.data.update(overrides)
   with pytest.raises(config_lib.ConfigError, match=says):
     config_lib.validate(config)
+
+
+def test_layout_cells_validate_at_their_slot_count():
+  config = config_lib.load_config(EXPERIMENTS / "spatial_scenes.py", "tiny")
+  config.data.update(layout_cells=True, max_nodes=39)
+  config_lib.validate(config)
 
 
 def test_graph_context_needs_the_anchored_grid():

@@ -70,6 +70,13 @@ SPLITS = ("train", "val", "test")
 # Record field -> batch key prefix of its padded arrays.
 GRAPH_FIELDS = {"scene_3dsg": "g3d", "vsg": "vsg", "tsg": "tsg"}
 GRAPH_VOCAB_FILE = "graph_vocab.json"
+# The vocabulary of graphs whose 3DSG carries layout cells (`data.layout_cells`).
+GRAPH_VOCAB_FILE_CELLS = "graph_vocab_cells.json"
+
+
+def graph_vocab_file(layout_cells: bool) -> str:
+  """The graph vocabulary's file name in a raw spatial-scenes directory."""
+  return GRAPH_VOCAB_FILE_CELLS if layout_cells else GRAPH_VOCAB_FILE
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -153,12 +160,13 @@ ANCHORED_TARGETS = {"vsg": "g3d_vsg", "tsg": "g3d_tsg"}
 
 
 def lay_out(graph: graphs.SceneGraph, layout: str, max_objects: int,
-            anchor: Optional[graphs.SceneGraph] = None
+            anchor: Optional[graphs.SceneGraph] = None, cells: bool = False
             ) -> tuple[graphs.SceneGraph, Optional[graphs.SlotLayout]]:
   """The graph as `pad_graph` should place it under `data.graph_layout`, and the layout.
 
   Anchored: the object slots follow `anchor`'s colours first (a 2DSG; None: the graph's
-  own palette order) and relations are re-stated from the lower slot.
+  own palette order) and relations are re-stated from the lower slot; `cells`: the grid
+  has a layout-cell slot per object (`data.layout_cells`).
   """
   if layout == "sequential":
     return graph, None
@@ -167,19 +175,21 @@ def lay_out(graph: graphs.SceneGraph, layout: str, max_objects: int,
   ranks = scenes.anchor_colours(anchor.nodes, anchor.edges) if anchor is not None else ()
   nodes, edges = scenes.orient_to_slots(graph.nodes, graph.edges, ranks)
   return (graph.with_nodes(nodes, edges),
-          functools.partial(scenes.anchored_slots, max_objects=max_objects, anchor=ranks))
+          functools.partial(scenes.anchored_slots, max_objects=max_objects, anchor=ranks,
+                            cells=cells))
 
 
 def pad_laid_out(graph: graphs.SceneGraph, vocab: graphs.GraphVocab, layout: str,
                  max_objects: int, max_nodes: int, max_edges: int, *,
-                 anchor: Optional[graphs.SceneGraph] = None, **kw) -> graphs.PaddedGraph:
+                 anchor: Optional[graphs.SceneGraph] = None, cells: bool = False,
+                 **kw) -> graphs.PaddedGraph:
   """`lay_out` then `graphs.pad_graph` (keyword arguments `kw`); on the anchored grid every
   relation slot of a pair with two boxed objects gets their boxes
   (`scenes.anchored_pair_boxes`)."""
-  laid, slots = lay_out(graph, layout, max_objects, anchor)
+  laid, slots = lay_out(graph, layout, max_objects, anchor, cells)
   padded = graphs.pad_graph(laid, vocab, max_nodes, max_edges, layout=slots, **kw)
   if layout == "anchored":
-    padded["node_box"] = scenes.anchored_pair_boxes(padded["node_box"], max_objects)
+    padded["node_box"] = scenes.anchored_pair_boxes(padded["node_box"], max_objects, cells)
   return padded
 
 
@@ -203,6 +213,7 @@ class SpatialScenesConfig(tfds.core.BuilderConfig):
   min_objects: int = 2
   max_objects: int = 5
   graph_layout: str = "sequential"
+  layout_cells: bool = False
 
 
 def spatial_scenes_config(cfg: Any) -> SpatialScenesConfig:
@@ -215,7 +226,8 @@ def spatial_scenes_config(cfg: Any) -> SpatialScenesConfig:
       max_edges=int(_get(cfg, "max_edges")),
       graph_overflow=str(_get(cfg, "graph_overflow", "error")),
       min_objects=int(_get(cfg, "min_objects", 2)), max_objects=int(_get(cfg, "max_objects", 5)),
-      graph_layout=str(_get(cfg, "graph_layout", "sequential")))
+      graph_layout=str(_get(cfg, "graph_layout", "sequential")),
+      layout_cells=bool(_get(cfg, "layout_cells", False)))
   if not 2 <= values["min_objects"] <= values["max_objects"] <= len(scenes.SceneConfig.colours):
     raise DataError(f"need 2 <= min_objects <= max_objects <= {len(scenes.SceneConfig.colours)}"
                     f" (one colour each), got {values['min_objects']}..{values['max_objects']}",
@@ -230,6 +242,11 @@ def spatial_scenes_config(cfg: Any) -> SpatialScenesConfig:
           "{max_objects}_g{max_nodes}x{max_edges}_{graph_overflow}").format(**values)
   if values["graph_layout"] != "sequential":
     name += "_" + values["graph_layout"]
+  if values["layout_cells"]:
+    if values["graph_layout"] != "anchored":
+      raise DataError("layout cells have slots on the anchored grid only, got "
+                      f"data.graph_layout={values['graph_layout']!r}", field="data.layout_cells")
+    name += "_cells"
   return SpatialScenesConfig(name=name, **values)
 
 
@@ -263,17 +280,31 @@ def _load_split(raw_dir: pathlib.Path, split: str) -> list[vsd.Record]:
   return vsd.load_records(str(path))
 
 
-def ensure_scenes_graph_vocab(raw_dir: PathLike) -> graphs.GraphVocab:
-  """Loads `raw_dir/graph_vocab.json`, building it from the training graphs if absent."""
+def record_graph(record: vsd.Record, field: str, layout_cells: bool) -> Optional[dict]:
+  """A record's graph JSON as the chains see it: the 3DSG with its layout cells when
+  `layout_cells` (`scenes.with_layout_cells`)."""
+  value = getattr(record, field)
+  if layout_cells and field == "scene_3dsg" and value is not None:
+    return scenes.with_layout_cells(value)
+  return value
+
+
+def ensure_scenes_graph_vocab(raw_dir: PathLike, layout_cells: bool = False
+                              ) -> graphs.GraphVocab:
+  """Loads `raw_dir/graph_vocab[_cells].json`, building it from the training graphs if
+  absent."""
   raw_dir = pathlib.Path(raw_dir)
-  path = raw_dir / GRAPH_VOCAB_FILE
+  path = raw_dir / graph_vocab_file(layout_cells)
   if path.exists():
     return graphs.GraphVocab.load(str(path))
   file = str(raw_dir / "train.json")
   train = _load_split(raw_dir, "train")
-  vocab = graphs.GraphVocab.build(
-      _parse_graph(getattr(r, field), file=file, record=i, field=field)
-      for i, r in enumerate(train) for field in GRAPH_FIELDS)
+  parsed = [_parse_graph(record_graph(r, field, layout_cells), file=file, record=i, field=field)
+            for i, r in enumerate(train) for field in GRAPH_FIELDS]
+  if layout_cells:  # every cell, also those no training object stands on
+    parsed.append(graphs.SceneGraph(tuple(("attribute", c) for c in scenes.all_layout_cells()),
+                                    ()))
+  vocab = graphs.GraphVocab.build(parsed)
   vocab.save(str(path))
   return vocab
 
@@ -326,7 +357,7 @@ class SpatialScenes(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     raw_dir = self._raw_dir(dl_manager)
-    vocab = ensure_scenes_graph_vocab(raw_dir)
+    vocab = ensure_scenes_graph_vocab(raw_dir, self.builder_config.layout_cells)
     self.info.metadata["raw_dir"] = str(raw_dir)
     self.info.metadata["graph_vocab_size"] = len(vocab)
     self.info.metadata["graph_prefixes"] = graph_prefixes(self.builder_config.graph_layout)
@@ -353,11 +384,12 @@ class SpatialScenes(tfds.core.GeneratorBasedBuilder):
 
       def pad(graph, field, anchor=None):
         return pad_laid_out(graph, vocab, c.graph_layout, c.max_objects, c.max_nodes,
-                            c.max_edges, anchor=anchor, overflow=c.graph_overflow,
+                            c.max_edges, anchor=anchor, cells=c.layout_cells,
+                            overflow=c.graph_overflow,
                             stats=stats, file=file, record=i, field=field)
 
       for field in GRAPH_FIELDS:
-        value = getattr(r, field)
+        value = record_graph(r, field, c.layout_cells)
         parsed[field] = _parse_graph(value, file=file, record=i, field=field)
         example[field] = json.dumps(value)
         padded.append(pad(parsed[field], field))
@@ -412,7 +444,7 @@ def prepare_spatial_scenes(data_dir: PathLike, cfg: Any) -> dict:
   data_dir = pathlib.Path(data_dir)
   config = spatial_scenes_config(cfg)
   raw_dir = generate_scenes(data_dir / raw_dir_name(config), config)
-  vocab = ensure_scenes_graph_vocab(raw_dir)
+  vocab = ensure_scenes_graph_vocab(raw_dir, config.layout_cells)
   train = _load_split(raw_dir, "train")
   # Both caption styles: one tokenizer serves every `caption_style`.
   captions = [c for r in train for c in list(r.captions) + list(r.captions_v2 or [])]
@@ -429,7 +461,7 @@ def prepare_spatial_scenes(data_dir: PathLike, cfg: Any) -> dict:
                      "num_captions_v2": int(sum(meta["caption_counts_v2"])),
                      "truncation": dict(meta["truncation"])}
   return {"dataset": "spatial_scenes", "config": config.name, "raw_dir": str(raw_dir),
-          "tfds_dir": str(builder.data_path), "graph_vocab": str(raw_dir / GRAPH_VOCAB_FILE),
+          "tfds_dir": str(builder.data_path), "graph_vocab": str(raw_dir / graph_vocab_file(config.layout_cells)),
           "graph_vocab_size": len(vocab), "tokenizer": str(raw_dir / TOKENIZER_DIR),
           "text": tokenizer_lib.tokenizer_info(tok), "splits": splits}
 

@@ -66,7 +66,7 @@ CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left
             "under": "on", "next to": "next to", "above": "under"}
 MIN_VISIBLE_VSG = 0.2
 # Bumped whenever generated records change: the cached raw scenes are keyed on it.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: 3DSG object nodes carry their ground position (`pos`)
 # The visible direction rule: colours are unique per scene, so the palette order of an
 # object's colour fixes the order of objects in every graph and the subject of every
 # relation (the object whose colour comes first), in captions, TSG, VSG and 3DSG alike.
@@ -334,10 +334,16 @@ class _GraphBuilder:
 
 
 def scene_3dsg(scene: Scene) -> dict:
-  """Gold 3DSG: every object, its colour/size/pose, all holding 3D relations, the concept."""
+  """Gold 3DSG: every object, its colour/size/pose, all holding 3D relations, the concept.
+
+  Object nodes also keep their ground position `pos` [x, z] (`with_layout_cells` turns it
+  into a coarse layout attribute when `data.layout_cells` asks for one).
+  """
   gb = _GraphBuilder()
   objects = sorted(scene.objects, key=lambda o: COLOUR_RANK[o.colour])
   ids = [gb.add("object", o.shape) for o in objects]
+  for o, oid in zip(objects, ids):
+    gb.nodes[oid]["pos"] = [o.x, o.z]
   for o, oid in zip(objects, ids):
     for attr in (o.colour, o.size, o.pose):
       if attr is not None:
@@ -358,6 +364,42 @@ def scene_3dsg(scene: Scene) -> dict:
   for oid in ids:
     gb.edge(oid, concept, "part-of")
   return gb.graph()
+
+
+# Layout cells: a coarse 3D attribute of every 3DSG object, the 1x1 ground cell of its
+# position over SceneConfig's x_range x z_range (7 x 6 cells; stacked objects share their
+# support's). A caption's relations (left/right >= 1.0 apart, behind / in front of >= 1.2)
+# always put their two objects in different columns / rows, so a 3DSG with cells is a
+# layout the image chain can draw, and the graph chain has to place the TSG's objects.
+CELL_SIZE = 1.0
+_CELL_PREFIX = "cell "
+
+
+def layout_cell(x: float, z: float, cfg: SceneConfig = SceneConfig()) -> str:
+  """The layout-cell tag of ground position (x, z), e.g. 'cell x3 z0'."""
+  def index(v, lo_hi):
+    lo, hi = lo_hi
+    return int(np.clip((v - lo) // CELL_SIZE, 0, np.ceil((hi - lo) / CELL_SIZE) - 1))
+  return f"{_CELL_PREFIX}x{index(x, cfg.x_range)} z{index(z, cfg.z_range)}"
+
+
+def all_layout_cells(cfg: SceneConfig = SceneConfig()) -> tuple[str, ...]:
+  """Every layout-cell tag of the ground area, column-major."""
+  centre = lambda lo, i: lo + (i + 0.5) * CELL_SIZE  # noqa: E731
+  count = lambda lo_hi: int(np.ceil((lo_hi[1] - lo_hi[0]) / CELL_SIZE))  # noqa: E731
+  return tuple(layout_cell(centre(cfg.x_range[0], i), centre(cfg.z_range[0], j), cfg)
+               for i in range(count(cfg.x_range)) for j in range(count(cfg.z_range)))
+
+
+def with_layout_cells(graph: dict) -> dict:
+  """A graph JSON whose object nodes with a `pos` each get a layout-cell attribute node
+  (appended, with its attr-of edge); other graphs come back unchanged."""
+  nodes, edges = [dict(n) for n in graph["nodes"]], [list(e) for e in graph["edges"]]
+  for i, n in enumerate(graph["nodes"]):
+    if n.get("type") == "object" and n.get("pos") is not None:
+      nodes.append({"type": "attribute", "tag": layout_cell(*n["pos"])})
+      edges.append([len(nodes) - 1, i, "attr-of"])
+  return {**graph, "nodes": nodes, "edges": edges}
 
 
 def vsg_relation(box_a, box_b) -> str:
@@ -565,7 +607,7 @@ def write_dataset(out_dir: str, num_train: int, num_val: int, num_test: int, see
 RELATION_FAMILY = {"to the left of": 0, "to the right of": 0, "behind": 1, "in front of": 1,
                    "next to": 2, "on": 2, "under": 2, "above": 2}  # next to excludes on
 _NUM_COLOURS = len(render_lib.PALETTE)
-_ATTR_SLOTS = 3  # colour, size, pose
+_ATTR_SLOTS = 3  # colour, size, pose (+ the layout cell with `cells`)
 _PAIRS = [(a, b) for a in range(_NUM_COLOURS) for b in range(a + 1, _NUM_COLOURS)]
 _PAIR_INDEX = {p: k for k, p in enumerate(_PAIRS)}
 _NUM_FAMILIES = 3
@@ -594,6 +636,8 @@ def _colours_and_ends(nodes, edges):
 
 
 def _attr_kind(tag: str) -> int:
+  if tag.startswith(_CELL_PREFIX):
+    return _ATTR_SLOTS  # the fourth attribute slot, which only `cells` grids have
   return 0 if tag in COLOUR_RANK else 1 if tag in SIZES else 2
 
 
@@ -612,7 +656,7 @@ def palette_slots(nodes: Sequence[tuple[str, str]],
     slot = None
     if ntype == "object":
       slot = colour_of.get(i)
-    elif ntype == "attribute" and owner.get(i) in colour_of:
+    elif ntype == "attribute" and owner.get(i) in colour_of and _attr_kind(tag) < _ATTR_SLOTS:
       slot = _FIRST_ATTR + _ATTR_SLOTS * colour_of[owner[i]] + _attr_kind(tag)
     elif ntype == "relation" and tag in RELATION_FAMILY:
       s, o = ends.get(i, (None, None))
@@ -633,10 +677,11 @@ def palette_slots(nodes: Sequence[tuple[str, str]],
 # object the VSG shows on the VSG's slot, and the objects the VSG lacks after them: copying
 # stays the identity and the chain completes the tail. A relation sits on its object-slot
 # pair's family slot with the lower slot as subject (`orient_to_slots` states it that way).
-def anchored_slot_count(max_objects: int) -> int:
-  """Slots of the anchored grid: objects, 3 attributes each, 3 families per pair, concept."""
+def anchored_slot_count(max_objects: int, cells: bool = False) -> int:
+  """Slots of the anchored grid: objects, 3 attributes each (4 with layout `cells`), 3
+  families per pair, concept."""
   k = max_objects
-  return k + _ATTR_SLOTS * k + _NUM_FAMILIES * (k * (k - 1) // 2) + 1
+  return k + (_ATTR_SLOTS + cells) * k + _NUM_FAMILIES * (k * (k - 1) // 2) + 1
 
 
 def anchor_colours(nodes: Sequence[tuple[str, str]],
@@ -653,22 +698,26 @@ def _object_rank(colour_of: dict[int, int], anchor: Sequence[int]) -> dict[int, 
   return {c: k for k, c in enumerate(order)}
 
 
-def _anchored_pair_slot(a: int, b: int, max_objects: int) -> int:
+def _anchored_pair_slot(a: int, b: int, max_objects: int, cells: bool = False) -> int:
   """The first of the three family slots of object slots a < b on the anchored grid."""
   k = max_objects
   pair = a * (2 * k - a - 1) // 2 + (b - a - 1)
-  return k + _ATTR_SLOTS * k + _NUM_FAMILIES * pair
+  return k + (_ATTR_SLOTS + cells) * k + _NUM_FAMILIES * pair
 
 
 def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, int, str]],
-                   *, max_objects: int, anchor: Sequence[int] = ()) -> list[Optional[int]]:
+                   *, max_objects: int, anchor: Sequence[int] = (),
+                   cells: bool = False) -> list[Optional[int]]:
   """The anchored-grid slot of every node (None: no place; see `palette_slots`).
 
   `anchor`: palette ranks whose objects take the first object slots, in this order.
+  `cells`: the grid has a fourth attribute slot per object, for its layout cell.
   Objects past `max_objects`, relations whose subject is not on the lower object slot
-  (`orient_to_slots` first) and relations outside the three families have no slot.
+  (`orient_to_slots` first), relations outside the three families and layout cells on a
+  grid without `cells` have no slot.
   """
   k = max_objects
+  attr_slots = _ATTR_SLOTS + cells
   colour_of, owner, ends = _colours_and_ends(nodes, edges)
   rank = _object_rank(colour_of, anchor)
   obj_slot = {i: rank[c] for i, c in colour_of.items() if rank[c] < k}
@@ -678,19 +727,20 @@ def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, 
     slot = None
     if ntype == "object":
       slot = obj_slot.get(i)
-    elif ntype == "attribute" and owner.get(i) in obj_slot:
-      slot = first_attr + _ATTR_SLOTS * obj_slot[owner[i]] + _attr_kind(tag)
+    elif ntype == "attribute" and owner.get(i) in obj_slot and _attr_kind(tag) < attr_slots:
+      slot = first_attr + attr_slots * obj_slot[owner[i]] + _attr_kind(tag)
     elif ntype == "relation" and tag in RELATION_FAMILY:
       s, o = ends.get(i, (None, None))
       if s in obj_slot and o in obj_slot and obj_slot[s] < obj_slot[o]:
-        slot = _anchored_pair_slot(obj_slot[s], obj_slot[o], k) + RELATION_FAMILY[tag]
+        slot = _anchored_pair_slot(obj_slot[s], obj_slot[o], k, cells) + RELATION_FAMILY[tag]
     elif ntype == "concept":
-      slot = anchored_slot_count(k) - 1
+      slot = anchored_slot_count(k, cells) - 1
     slots.append(slot)
   return slots
 
 
-def anchored_slot_context(max_objects: int) -> tuple[tuple[int, ...], ...]:
+def anchored_slot_context(max_objects: int,
+                          cells: bool = False) -> tuple[tuple[int, ...], ...]:
   """Per anchored slot, the slots a reader of that slot alone needs: (the slot, its first
   object's slot and attribute slots, its second object's), -1 where there is none.
 
@@ -698,20 +748,21 @@ def anchored_slot_context(max_objects: int) -> tuple[tuple[int, ...], ...]:
   (the lower object slot) and its second its object; the concept has neither. So one slot
   with its context states a whole fact ("small red cube", "red cube left of blue ball").
   """
-  k = max_objects
-  own = lambda a: (a, *range(k + _ATTR_SLOTS * a, k + _ATTR_SLOTS * (a + 1)))  # noqa: E731
-  none = (-1,) * (1 + _ATTR_SLOTS)
+  k, n_attr = max_objects, _ATTR_SLOTS + cells
+  own = lambda a: (a, *range(k + n_attr * a, k + n_attr * (a + 1)))  # noqa: E731
+  none = (-1,) * (1 + n_attr)
   rows = [(a, *own(a), *none) for a in range(k)]
-  rows += [(k + i, *own(i // _ATTR_SLOTS), *none) for i in range(_ATTR_SLOTS * k)]
+  rows += [(k + i, *own(i // n_attr), *none) for i in range(n_attr * k)]
   for a in range(k):
     for b in range(a + 1, k):
-      first = _anchored_pair_slot(a, b, k)
+      first = _anchored_pair_slot(a, b, k, cells)
       rows += [(first + f, *own(a), *own(b)) for f in range(_NUM_FAMILIES)]
-  rows.append((anchored_slot_count(k) - 1, *none, *none))
+  rows.append((anchored_slot_count(k, cells) - 1, *none, *none))
   return tuple(rows)
 
 
-def anchored_pair_boxes(node_box: np.ndarray, max_objects: int) -> np.ndarray:
+def anchored_pair_boxes(node_box: np.ndarray, max_objects: int,
+                        cells: bool = False) -> np.ndarray:
   """A padded graph's `node_box` with every relation slot of an object pair whose two
   object slots have boxes holding [lower slot's box, higher slot's box], whether or not the
   graph states a relation of that family: a 2DSG states one 2D relation per pair, while
@@ -722,7 +773,7 @@ def anchored_pair_boxes(node_box: np.ndarray, max_objects: int) -> np.ndarray:
     for b in range(a + 1, k):
       if out[a, 0] < 0 or out[b, 0] < 0:
         continue
-      first = _anchored_pair_slot(a, b, k)
+      first = _anchored_pair_slot(a, b, k, cells)
       out[first:first + _NUM_FAMILIES, :4] = out[a, :4]
       out[first:first + _NUM_FAMILIES, 4:] = out[b, :4]
   return out

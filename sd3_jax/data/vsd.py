@@ -302,8 +302,9 @@ def _captions(value: Any, field: str, fail) -> tuple[str, ...]:
 def validate_graph(graph: Any, *, file: Optional[str] = None, record: Optional[int] = None,
                    field: str = "graph") -> Graph:
   """Checks a scene-graph dict against the `schema.py` JSON format; returns it normalised
-  to {"nodes": [{"type", "tag"[, "box"]}], "edges": [[src, dst, type]]} (a view-derived
-  graph's object boxes are checked by `graphs.SceneGraph.from_json`)."""
+  to {"nodes": [{"type", "tag"[, "box"][, "pos"]}], "edges": [[src, dst, type]]} (a
+  view-derived graph's object boxes are checked by `graphs.SceneGraph.from_json`; a
+  generated 3DSG's objects keep their ground position "pos" [x, z])."""
   def fail(where, message):
     return DataError(message, file=file, record=record, field=where)
 
@@ -324,7 +325,12 @@ def validate_graph(graph: Any, *, file: Optional[str] = None, record: Optional[i
                  f"one of {list(schema.NODE_TYPES)}")
     if not isinstance(node.get("tag"), str):
       raise fail(f"{where}.tag", f"must be a string, got {_short(node.get('tag'))}")
-    out_nodes.append({k: node[k] for k in ("type", "tag", "box") if k in node})
+    pos = node.get("pos")
+    if pos is not None and (node["type"] != "object" or not isinstance(pos, list) or len(pos) != 2
+                            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       for v in pos)):
+      raise fail(f"{where}.pos", f"an object's ground position is [x, z], got {_short(pos)}")
+    out_nodes.append({k: node[k] for k in ("type", "tag", "box", "pos") if k in node})
   out_edges = []
   for i, edge in enumerate(edges):
     where = f"{field}.edges[{i}]"

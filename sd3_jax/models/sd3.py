@@ -149,7 +149,8 @@ class SD3:
                         prefix_dim=m.text_decoder.width + code_dim,
                         max_prefix_length=c.data.max_text_len + c.data.max_nodes)
     graph_context = lambda chain: (  # noqa: E731
-        scenes.anchored_slot_context(c.data.max_objects) if m[chain].graph_context else None)
+        scenes.anchored_slot_context(c.data.max_objects, c.data.get("layout_cells", False))
+        if m[chain].graph_context else None)
     nets = dict(
         vqvae=vq,
         clip=clip,

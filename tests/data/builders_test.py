@@ -200,3 +200,42 @@ def test_anchored_layout_stores_the_3dsg_on_each_2dsgs_slots(tmp_path):
                                     two_d["node_tag"][4 + 3 * objects])
       tails += int(target["node_mask"][:4].sum() > len(objects))
   assert tails > 0  # some 2DSG lacks an object the 3DSG has
+
+
+def test_layout_cells_put_each_3dsg_objects_cell_on_its_slot(tmp_path):
+  """`layout_cells`: the 3DSG (and its targets on the 2DSGs' slots) holds every object's
+  layout cell on the object's fourth attribute slot, the 2DSGs hold none, and the cells'
+  vocabulary sits beside the plain one in the shared raw directory."""
+  from sd3_jax.data import scenes
+  k, n = 4, scenes.anchored_slot_count(4, cells=True)
+  cfg = dict(CFG, graph_layout="anchored", max_objects=k, max_nodes=n, num_train=12,
+             num_val=8, num_test=4, layout_cells=True)
+  info = builders.prepare_spatial_scenes(tmp_path, cfg)
+  assert info["graph_vocab"].endswith(builders.GRAPH_VOCAB_FILE_CELLS)
+  vocab = graphs.GraphVocab.load(info["graph_vocab"])
+  plain = builders.prepare_spatial_scenes(
+      tmp_path, dict(cfg, layout_cells=False, max_nodes=scenes.anchored_slot_count(k)))
+  assert plain["raw_dir"] == info["raw_dir"]
+  plain_tags = {t for _, t in graphs.GraphVocab.load(plain["graph_vocab"]).tags}
+  assert not any(t.startswith("cell ") for t in plain_tags)
+  builder = builders.spatial_scenes_builder(tmp_path, cfg)
+  prefixes = builder.info.metadata["graph_prefixes"]
+  source = builder.as_data_source("val")
+  cells = 0
+  for i in range(len(source)):
+    record = json.loads(source[i]["scene_3dsg"])
+    want = sorted(scenes.layout_cell(*node["pos"]) for node in record["nodes"]
+                  if node["type"] == "object")
+    unpacked = builders.unpack_graphs(source[i]["graphs"], prefixes, n, 64)
+    for prefix in ("g3d", "g3d_vsg", "g3d_tsg", "vsg", "tsg"):
+      objects = np.flatnonzero(unpacked[f"{prefix}_node_mask"][:k])
+      cell_slots = k + 4 * np.arange(k) + 3
+      got = sorted(vocab.tag(t)[1]
+                   for t, m in zip(unpacked[f"{prefix}_node_tag"][cell_slots],
+                                   unpacked[f"{prefix}_node_mask"][cell_slots]) if m)
+      if prefix.startswith("g3d"):
+        assert got == want and len(objects) == len(want), prefix
+        cells += len(got)
+      else:
+        assert got == [], prefix
+  assert cells > 30

@@ -252,24 +252,59 @@ def _canonical(triples):
   return sorted(evaluate.canonical_triple(t) for t in triples)
 
 
-def test_anchored_layout_puts_the_3dsg_on_its_2dsgs_slots():
-  """The anchored grid: every graph places without collisions on 4K + 3·C(K,2) + 1 slots;
-  a 3DSG laid out on a 2DSG's slots holds the 2DSG's objects on the same slots (then the
-  objects it lacks), restates relations from the lower slot without changing what they
-  say, and a graph anchored on itself is the graph unchanged."""
+def test_layout_cells_place_every_3dsg_object_and_separate_described_relations():
+  """Each 3DSG object gets one cell, its 1x1 ground cell (brute force below); a relation
+  clear enough to be described (DESCRIBE_MARGIN) puts its objects in ordered columns
+  (left/right) or rows (behind / in front of), so a layout of cells states it."""
+  cfg = scenes.SceneConfig()
+  described = 0
+  for seed in range(300):
+    scene = scenes.generate_scene(seed, cfg)
+    g = scenes.with_layout_cells(scenes.scene_3dsg(scene))
+    tags = [n["tag"] for n in g["nodes"]]
+    cell_of = {d: tags[s] for s, d, t in g["edges"] if tags[s].startswith("cell ")}
+    objects = [i for i, n in enumerate(g["nodes"]) if n["type"] == "object"]
+    assert sorted(cell_of) == objects
+    by_colour = {}
+    for i in objects:
+      colour = [tags[s] for s, d, t in g["edges"] if d == i and tags[s] in scenes.COLOUR_RANK]
+      o = next(o for o in scene.objects if o.colour == colour[0])
+      column, row = int((o.x + 3.5) // 1.0), int((o.z + 1.5) // 1.0)
+      assert cell_of[i] == f"cell x{min(column, 6)} z{min(row, 5)}"
+      by_colour[o.colour] = (column, row)
+    geoms = scenes.gold_geoms(scene)
+    for a in geoms:
+      for b in geoms:
+        for p, axis, sign in (("to the left of", 0, -1), ("behind", 1, 1)):
+          if a != b and scenes.pair_margin(geoms[a], geoms[b], a, b, p) >= \
+              scenes.DESCRIBE_MARGIN[p]:
+            assert sign * (by_colour[a][axis] - by_colour[b][axis]) > 0, (seed, a, p, b)
+            described += 1
+  assert described > 300
+
+
+@pytest.mark.parametrize("cells", [False, True])
+def test_anchored_layout_puts_the_3dsg_on_its_2dsgs_slots(cells):
+  """The anchored grid: every graph places without collisions on 4K + 3·C(K,2) + 1 slots
+  (5K + ... with layout cells in the 3DSG); a 3DSG laid out on a 2DSG's slots holds the
+  2DSG's objects on the same slots (then the objects it lacks), restates relations from
+  the lower slot without changing what they say, and a graph anchored on itself is the
+  graph unchanged."""
   from sd3_jax.data import graphs
   k = 5
-  count = scenes.anchored_slot_count(k)
-  assert count == 5 + 15 + 30 + 1
+  count = scenes.anchored_slot_count(k, cells)
+  assert count == 5 + (20 if cells else 15) + 30 + 1
   flipped = tail = 0
   for seed in range(60):
     _, rec = _record(seed)
+    if cells:
+      rec = dict(rec, scene_3dsg=scenes.with_layout_cells(rec["scene_3dsg"]))
     g3 = graphs.SceneGraph.from_json(rec["scene_3dsg"])
     for key in ("scene_3dsg", "vsg", "tsg"):  # self-anchored: palette order, no restating
       g = graphs.SceneGraph.from_json(rec[key])
       nodes, edges = scenes.orient_to_slots(g.nodes, g.edges)
       assert (tuple(nodes), sorted(edges)) == (g.nodes, sorted(g.edges)), key
-      slots = scenes.anchored_slots(g.nodes, g.edges, max_objects=k)
+      slots = scenes.anchored_slots(g.nodes, g.edges, max_objects=k, cells=cells)
       assert None not in slots and len(set(slots)) == len(slots) and max(slots) < count
     for key in ("vsg", "tsg"):
       g2 = graphs.SceneGraph.from_json(rec[key])
@@ -279,12 +314,12 @@ def test_anchored_layout_puts_the_3dsg_on_its_2dsgs_slots():
       oriented = graphs.SceneGraph(nodes, edges)
       assert _canonical(oriented.triples(scenes.COLOUR_RANK)) == \
           _canonical(g3.triples(scenes.COLOUR_RANK))
-      slots = scenes.anchored_slots(nodes, edges, max_objects=k, anchor=anchor)
+      slots = scenes.anchored_slots(nodes, edges, max_objects=k, anchor=anchor, cells=cells)
       assert None not in slots and len(set(slots)) == len(slots) and max(slots) < count
       colour3 = _colour_of(oriented.to_json())
       at3 = {s: (nodes[i], colour3.get(i)) for i, s in enumerate(slots)}
       colour2 = _colour_of(rec[key])
-      slots2 = scenes.anchored_slots(g2.nodes, g2.edges, max_objects=k)
+      slots2 = scenes.anchored_slots(g2.nodes, g2.edges, max_objects=k, cells=cells)
       for i, s in enumerate(slots2):
         node = g2.nodes[i]
         if node[0] == "object":
@@ -297,40 +332,44 @@ def test_anchored_layout_puts_the_3dsg_on_its_2dsgs_slots():
   assert flipped > 0 and tail > 10
 
 
-def test_anchored_slot_context_names_each_slots_objects_and_their_attributes():
-  """On real laid-out 3DSGs: an object's context is itself and its attributes, an
-  attribute's its owner's, a relation's its subject's then its object's (with theirs)."""
+@pytest.mark.parametrize("cells", [False, True])
+def test_anchored_slot_context_names_each_slots_objects_and_their_attributes(cells):
+  """On real laid-out 3DSGs: an object's context is itself and its attributes (layout
+  cell included), an attribute's its owner's, a relation's its subject's then its
+  object's (with theirs)."""
   from sd3_jax.data import graphs
-  k = 5
-  context = scenes.anchored_slot_context(k)
-  assert len(context) == scenes.anchored_slot_count(k)
+  k, a = 5, 3 + cells
+  context = scenes.anchored_slot_context(k, cells)
+  assert len(context) == scenes.anchored_slot_count(k, cells)
   assert all(row[0] == n for n, row in enumerate(context))
   checked = 0
   for seed in range(30):
     _, rec = _record(seed)
-    g = graphs.SceneGraph.from_json(rec["scene_3dsg"])
-    slots = scenes.anchored_slots(g.nodes, g.edges, max_objects=k)
+    g3d = scenes.with_layout_cells(rec["scene_3dsg"]) if cells else rec["scene_3dsg"]
+    g = graphs.SceneGraph.from_json(g3d)
+    slots = scenes.anchored_slots(g.nodes, g.edges, max_objects=k, cells=cells)
     owner = {s: d for s, d, t in g.edges if t == "attr-of"}
     attrs = {o: {slots[a] for a, d in owner.items() if d == o} for o in set(owner.values())}
     subj = {d: s for s, d, t in g.edges if t == "subj"}
     obj = {s: d for s, d, t in g.edges if t == "obj"}
 
     def is_block_of(row, first, o):  # the object node o and its attribute slots
-      table = set(row[first + 1:first + 4])
+      table = set(row[first + 1:first + 1 + a])
       return row[first] == slots[o] and attrs[o] <= table and \
-          table == set(range(k + 3 * slots[o], k + 3 * slots[o] + 3))
+          table == set(range(k + a * slots[o], k + a * slots[o] + a))
 
     for i, (ntype, _) in enumerate(g.nodes):
       row = context[slots[i]]
       if ntype == "object":
-        assert is_block_of(row, 1, i) and row[5:] == (-1,) * 4
+        assert is_block_of(row, 1, i) and row[2 + a:] == (-1,) * (1 + a)
+        assert not cells or len(attrs[i]) == 2 + (g3d["nodes"][i]["tag"] == "chair") + 1
       elif ntype == "attribute":
         assert is_block_of(row, 1, owner[i])
       elif ntype == "relation":
-        assert is_block_of(row, 1, subj[i]) and is_block_of(row, 5, obj[i])
+        assert is_block_of(row, 1, subj[i]) and is_block_of(row, 2 + a, obj[i])
         checked += 1
       else:
-        assert row[1:] == (-1,) * 8
+        assert row[1:] == (-1,) * (2 + 2 * a)
   assert checked > 50
 
 

@@ -327,3 +327,15 @@ def test_tsg_matches_annotated_phrases_and_falls_back():
   # Unmatched mentions keep their own (adjective-free) phrase.
   graph = vsd.tsg_from_caption("the red car is behind the big truck.", [t])
   assert _triples(graph) == [("car", "behind", "truck")]
+
+
+def test_a_generated_3dsgs_ground_positions_are_kept_and_checked():
+  graph = {"nodes": [{"type": "object", "tag": "cube", "pos": [1.25, -0.5]},
+                     {"type": "attribute", "tag": "red"}], "edges": [[1, 0, "attr-of"]]}
+  assert vsd.validate_graph(graph) == graph
+  for node, bad in ((0, [1.0]), (0, ["1", 2]), (1, [0.0, 0.0])):
+    wrong = json.loads(json.dumps(graph))
+    wrong["nodes"][node]["pos"] = bad
+    with pytest.raises(schema.DataError, match=r"ground position") as e:
+      vsd.validate_graph(wrong, field="scene_3dsg")
+    assert e.value.field == f"scene_3dsg.nodes[{node}].pos"
