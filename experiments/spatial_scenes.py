@@ -128,8 +128,11 @@ def get_config(arg=None):
   # (an object its attributes, a relation its two objects with theirs), so one token states
   # a whole fact. Needs data.graph_layout=anchored. Stage 4 from one stage 3 (README, "What
   # was measured on the way"): SI2T 0.256 -> 0.375 with it in both chains, ST2I 0.259 -> 0.167.
+  # layout_canvas: each 3DSG object paints its features onto the token grid where a learned
+  # placement (from its attributes; data.layout_cells makes it a layout) puts it.
   model.image_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4,
-                                                        graph_context=False))
+                                                        graph_context=False,
+                                                        layout_canvas=False))
   model.text_denoiser = ml_collections.ConfigDict(dict(width=128, num_layers=3, num_heads=4,
                                                        graph_context=True))
   # attention_impl: 'segment' (jraph segment_softmax over the slot graph) or 'dense' (same

@@ -147,6 +147,9 @@ def validate(config) -> None:
                     f"slot count of data.graph_layout={layout!r}"
                     + (f" at data.max_objects={max_objects}" if layout == "anchored" else "")
                     + (" with data.layout_cells" if cells else ""))
+  if _at(config, "model.image_denoiser.layout_canvas") is True and layout != "anchored":
+    errors.append("model.image_denoiser.layout_canvas paints the anchored grid's objects; "
+                  f"data.graph_layout={layout!r} needs it False")
   for chain in ("image_denoiser", "text_denoiser"):
     if _at(config, f"model.{chain}.graph_context") is True and layout != "anchored":
       errors.append(f"model.{chain}.graph_context reads slot roles off the anchored grid; "

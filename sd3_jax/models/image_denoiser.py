@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd3_jax.models.layers import DenoiserTransformer, condition_sequence
+from sd3_jax.models.layers import DenoiserTransformer, LayoutCanvas, condition_sequence
 
 Array = jax.Array
 Dtype = Any
@@ -35,6 +35,9 @@ class ImageDenoiser(nn.Module):
     graph_context: optional static [N][R] context slots of each graph slot
       (`scenes.anchored_slot_context`): each graph token adds its context slots' projected
       features, so one token states a whole fact (a relation with its two objects).
+    layout_objects: optional static [M][R] slots of each object (itself and its
+      attributes): a `LayoutCanvas` paints the objects onto the token grid (calls with a
+      3DSG; build the model with one).
     null_cond_len: length of the learned null condition.
     dropout_rate, attention_dropout_rate, remat: see `DenoiserTransformer`.
   """
@@ -47,6 +50,7 @@ class ImageDenoiser(nn.Module):
   cond_width: Optional[int] = None
   graph_dim: Optional[int] = None
   graph_context: Optional[Tuple[Tuple[int, ...], ...]] = None
+  layout_objects: Optional[Tuple[Tuple[int, ...], ...]] = None
   null_cond_len: int = 1
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -88,6 +92,10 @@ class ImageDenoiser(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     cond, cond_mask = condition_sequence(self, text_feats, text_mask, "text_proj",
                                          graph_feats, graph_mask)
+    canvas = None
+    if self.layout_objects is not None and graph_feats is not None:
+      canvas = LayoutCanvas(self.layout_objects, self.num_tokens, self.width, **kw,
+                            name="layout_canvas")(graph_feats, graph_mask)
 
     return DenoiserTransformer(
         num_classes=self.codebook_size, num_layers=self.num_layers, width=self.width,
@@ -95,4 +103,5 @@ class ImageDenoiser(nn.Module):
         grid_shape=tuple(self.grid_shape), null_cond_len=self.null_cond_len,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         remat=self.remat, **kw, name="transformer")(
-            x_t, t, cond, cond_mask, drop_cond=drop_cond, deterministic=deterministic)
+            x_t, t, cond, cond_mask, drop_cond=drop_cond, token_bias=canvas,
+            deterministic=deterministic)

@@ -352,10 +352,18 @@ def slot_context_features(feats: Array, mask: Array,
     return jnp.zeros((b, 0, idx.shape[1] * d), feats.dtype)
   if idx.shape[0] != n:
     raise ValueError(f"graph has {n} slots, the slot context table {idx.shape[0]}")
+  return gather_slots(feats, mask, context)
+
+
+def gather_slots(feats: Array, mask: Array, table: Sequence[Sequence[int]]) -> Array:
+  """[B, N, D] slot features, static [M][R] slot indices (-1: none) -> [B, M, R·D]: row m
+  holds feats[:, table[m][r]] side by side, zero where the index is -1 or not a real node."""
+  b, _, d = feats.shape
+  idx = np.asarray(table, np.int32)
   safe = np.where(idx >= 0, idx, 0)
   keep = mask.astype(bool)[:, safe] & (idx >= 0)[None]
   x = jnp.where(keep[..., None], feats[:, safe], 0)
-  return x.reshape(b, n, idx.shape[1] * d)
+  return x.reshape(b, idx.shape[0], idx.shape[1] * d)
 
 
 def condition_sequence(denoiser: nn.Module, source_feats: Array, source_mask: Array,
@@ -407,6 +415,46 @@ def condition_sequence(denoiser: nn.Module, source_feats: Array, source_mask: Ar
     cond = jnp.concatenate([cond, g], axis=1)
     cond_mask = jnp.concatenate([cond_mask, graph_mask.astype(bool)], axis=1)
   return constrain(cond, ("batch", "cond_length", "embed")), cond_mask
+
+
+class LayoutCanvas(nn.Module):
+  """Paints each object of a graph onto a token grid: [B, h·w, D] to add to the tokens.
+
+  Each object (its slot with its attribute slots, `objects`) gets a learned occupancy of
+  every token (a sigmoid computed from its features), and a token holds a learned
+  background vector blended toward the projected features of the objects that occupy it.
+  A layout attribute (`data.layout_cells`) makes the occupancy predictable; the image
+  tokens then know which object belongs where before any attention. (A softmax placement
+  added to the tokens learned far slower: a LayerNorm removes the amplitude that carried
+  where, while object vs background here is a direction.)
+
+  Attributes:
+    objects: static [M][R] slot indices per object (-1: none).
+    num_tokens: h·w; width: D.
+  """
+  objects: Tuple[Tuple[int, ...], ...]
+  num_tokens: int
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, graph_feats: Array, graph_mask: Array) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    feats = gather_slots(graph_feats, graph_mask, self.objects)  # [B, M, R·Dg]
+    present = graph_mask.astype(bool)[:, np.asarray([row[0] for row in self.objects])]
+    h = nn.gelu(nn.Dense(self.width, **kw, kernel_init=dense_init((None, "embed")),
+                         bias_init=zeros_init(("embed",)), name="object")(feats))
+    where = nn.Dense(self.num_tokens, **kw, kernel_init=dense_init(("embed", None)),
+                     bias_init=zeros_init((None,)), name="where")(h)
+    where = jax.nn.sigmoid(where.astype(jnp.float32)) * present[..., None]
+    paint = nn.Dense(self.width, **kw, kernel_init=dense_init(("embed", "embed")),
+                     bias_init=zeros_init(("embed",)), name="paint")(h)
+    background = self.param("background",
+                            dense_init((None, "embed"), nn.initializers.normal(1.0)),
+                            (1, self.width), self.param_dtype).astype(paint.dtype)
+    return background + jnp.einsum("bmp,bmd->bpd", where.astype(paint.dtype),
+                                   paint - background)
 
 
 def apply_null_condition(cond: Array, cond_mask: Array, null_cond: Array,
@@ -473,6 +521,7 @@ class DenoiserTransformer(nn.Module):
   def __call__(self, x_t: Array, t: Array, cond: Array, cond_mask: Array, *,
                drop_cond: Optional[Array] = None, positions: Optional[Array] = None,
                self_mask: Optional[Array] = None, self_bias: Optional[Array] = None,
+               token_bias: Optional[Array] = None,
                deterministic: bool = True) -> Tuple[Array, Array]:
     """Predicts x0 logits.
 
@@ -486,6 +535,8 @@ class DenoiserTransformer(nn.Module):
         [B, L, 2] (row, col) for '2d'; default: 0..L-1 / the raster order of the grid.
       self_mask: optional [B, 1|H, L, L] boolean self-attention mask.
       self_bias: optional additive self-attention bias broadcastable to [B, H, L, L].
+      token_bias: optional [B, L, D] added to the token embeddings (e.g. `LayoutCanvas`);
+        zeroed on rows with `drop_cond`, which must see the null condition alone.
       deterministic: disables dropout.
 
     Returns:
@@ -499,6 +550,9 @@ class DenoiserTransformer(nn.Module):
     x = nn.Embed(self.num_classes + 1, d, embedding_init=dense_init(
         (None, "embed"), nn.initializers.normal(0.02)), **kw, name="token_embed")(x_t)
     x = x + self._position_embedding(length, positions)
+    if token_bias is not None:
+      keep = 1.0 if drop_cond is None else (~drop_cond.astype(bool))[:, None, None]
+      x = x + token_bias * keep
     x = constrain(x.astype(self.dtype), _BLOCK_AXES)
 
     temb = TimestepEmbedding(d, **kw, name="time_embed")(t)

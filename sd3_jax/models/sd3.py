@@ -148,9 +148,14 @@ class SD3:
                         num_heads=m.text_decoder.num_heads,
                         prefix_dim=m.text_decoder.width + code_dim,
                         max_prefix_length=c.data.max_text_len + c.data.max_nodes)
-    graph_context = lambda chain: (  # noqa: E731
-        scenes.anchored_slot_context(c.data.max_objects, c.data.get("layout_cells", False))
-        if m[chain].graph_context else None)
+    slot_context = lambda: scenes.anchored_slot_context(  # noqa: E731
+        c.data.max_objects, c.data.get("layout_cells", False))
+    graph_context = lambda chain: slot_context() if m[chain].graph_context else None  # noqa: E731
+    # An object slot's context row: itself, its object slot and attributes, then -1s.
+    layout_objects = None
+    if m.image_denoiser.get("layout_canvas", False):
+      rows = slot_context()[:c.data.max_objects]
+      layout_objects = tuple(row[1:len(row) // 2 + 1] for row in rows)
     nets = dict(
         vqvae=vq,
         clip=clip,
@@ -162,6 +167,7 @@ class SD3:
         g_v=aligned_decoders.GraphFusedImageDecoder.for_tokenizer(vq),
         g_t=g_t,
         image_den=image_denoiser.ImageDenoiser(graph_context=graph_context("image_denoiser"),
+            layout_objects=layout_objects,
             codebook_size=vq.num_codes, grid_shape=(grid, grid), width=den["image"].width,
             num_layers=den["image"].num_layers, num_heads=den["image"].num_heads,
             graph_dim=code_dim, **compute),

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from sd3_jax.models.image_denoiser import ImageDenoiser
+from sd3_jax.models.layers import LayoutCanvas
 
 K = 16
 
@@ -70,13 +71,15 @@ def test_graph_padding_nodes_do_not_affect_output():
   assert not np.allclose(no_graph[0], ref[0], atol=1e-4)
 
 
-def test_drop_cond_output_is_independent_of_the_condition():
+@pytest.mark.parametrize("canvas", [None, ((0, 2), (1, 3))])
+def test_drop_cond_output_is_independent_of_the_condition(canvas):
   x, t, text, tm, graph, gm = _inputs()
-  model = _model()
+  model = _model(layout_objects=canvas)
   variables = _init(model, x, t, text, tm, graph, gm)
   drop = jnp.array([True, False, True])
   a, _ = _apply(model, variables, x, t, text, tm, graph, gm, drop)
-  b, _ = _apply(model, variables, x, t, text * 3 + 1, jnp.ones_like(tm), None, None, drop)
+  b, _ = _apply(model, variables, x, t, text * 3 + 1, jnp.ones_like(tm), graph * 2 - 1,
+                jnp.ones_like(gm), drop)
   np.testing.assert_allclose(a[0], b[0], atol=1e-5)
   np.testing.assert_allclose(a[2], b[2], atol=1e-5)
   assert not np.allclose(a[1], b[1], atol=1e-4)
@@ -140,3 +143,73 @@ def test_sharded_init_and_forward_match_unsharded():
     assert qkv.value.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
     out, _ = _apply(model, sharded, x, t, text, tm, graph, gm)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_canvas_paints_each_present_object_where_it_places_it():
+  """Against numpy: each object (its slot's and attribute slots' features) gets a sigmoid
+  occupancy of each token, which blends the background toward its painted features there;
+  absent objects occupy nothing."""
+  objects = ((0, 2), (1, 3))
+  k = jax.random.split(jax.random.key(4), 2)
+  feats = jax.random.normal(k[0], (2, 4, 6))
+  mask = jnp.array([[True, False, True, True], [True, True, True, False]])
+  canvas = LayoutCanvas(objects, num_tokens=9, width=8)
+  params = nn.unbox(canvas.init(k[1], feats, mask))["params"]
+  got = canvas.apply({"params": params}, feats, mask)
+  f, m = np.asarray(feats), np.asarray(mask)
+  gelu = lambda v: np.asarray(jax.nn.gelu(v))  # noqa: E731
+  background = np.asarray(params["background"])
+  want = np.broadcast_to(background, (2, 9, 8)).copy()
+  for b in range(2):
+    for row in objects:
+      if not m[b, row[0]]:
+        continue
+      x = np.concatenate([f[b, s] * m[b, s] for s in row])
+      h = gelu(x @ params["object"]["kernel"] + params["object"]["bias"])
+      logits = h @ params["where"]["kernel"] + params["where"]["bias"]
+      occupancy = 1 / (1 + np.exp(-logits))
+      paint = h @ params["paint"]["kernel"] + params["paint"]["bias"]
+      want[b] += occupancy[:, None] * (paint - background)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_layout_canvas_learns_where_an_object_goes():
+  """One object whose attribute names its token (a one-hot cell): with the canvas the
+  denoiser learns to put the object's class on that token from an all-[MASK] grid."""
+  b, cells = 64, 16
+  k = jax.random.split(jax.random.key(7), 3)
+
+  def batch(key):
+    cell = jax.random.randint(key, (b,), 0, cells)
+    graph = jnp.stack([jnp.ones((b, cells)), jax.nn.one_hot(cell, cells)], axis=1)
+    x0 = jax.nn.one_hot(cell, cells, dtype=jnp.int32)  # class 1 on the object's token
+    return graph, x0
+
+  model = _model(graph_dim=cells, layout_objects=((0, 1),))
+  x_t = jnp.full((b, 16), K)
+  t = jnp.full((b,), 99)
+  text, tm = jnp.zeros((b, 1, 12)), jnp.zeros((b, 1), bool)
+  gm = jnp.ones((b, 2), bool)
+  graph, x0 = batch(k[0])
+  params = nn.unbox(_init(model, x_t, t, text, tm, graph, gm))["params"]
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, key):
+    graph, x0 = batch(key)
+
+    def loss_fn(params):
+      logits, _ = model.apply({"params": params}, x_t, t, text, tm, graph, gm)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, x0))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt
+
+  for i in range(200):
+    params, opt = step(params, opt, jax.random.fold_in(k[1], i))
+  graph, x0 = batch(k[2])
+  logits, _ = model.apply({"params": params}, x_t, t, text, tm, graph, gm)
+  placed = np.argmax(np.asarray(logits)[..., 1], axis=-1)  # where class 1 is likeliest
+  assert np.mean(placed == np.argmax(np.asarray(x0), axis=-1)) > 0.95
