@@ -448,7 +448,7 @@ class LayoutCanvas(nn.Module):
     where = nn.Dense(self.num_tokens, **kw, kernel_init=dense_init(("embed", None)),
                      bias_init=zeros_init((None,)), name="where")(h)
     where = jax.nn.sigmoid(where.astype(jnp.float32)) * present[..., None]
-    paint = nn.Dense(self.width, **kw, kernel_init=dense_init(("embed", "embed")),
+    paint = nn.Dense(self.width, **kw, kernel_init=dense_init((None, "embed")),
                      bias_init=zeros_init(("embed",)), name="paint")(h)
     background = self.param("background",
                             dense_init((None, "embed"), nn.initializers.normal(1.0)),

@@ -125,13 +125,14 @@ def test_tiny_denoiser_overfits_a_fixed_batch():
   assert losses[-1] < 0.2 * losses[0]
 
 
-def test_sharded_init_and_forward_match_unsharded():
+@pytest.mark.parametrize("canvas", [None, ((0, 2), (1, 3))])
+def test_sharded_init_and_forward_match_unsharded(canvas):
   rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("cond_embed", "fsdp"),
            ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   x, t, text, tm, graph, gm = _inputs(b=8, seed=3)
-  model = _model()
+  model = _model(layout_objects=canvas)
   variables = _init(model, x, t, text, tm, graph, gm)
   ref, _ = _apply(model, variables, x, t, text, tm, graph, gm)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
