@@ -72,12 +72,12 @@ GRAPH_FIELDS = {"scene_3dsg": "g3d", "vsg": "vsg", "tsg": "tsg"}
 GRAPH_VOCAB_FILE = "graph_vocab.json"
 # The vocabulary of graphs whose 3DSG carries layout cells (`data.layout_cells`).
 GRAPH_VOCAB_FILE_CELLS = "graph_vocab_cells.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 def graph_vocab_file(layout_cells: bool) -> str:
   """The graph vocabulary's file name in a raw spatial-scenes directory."""
   return GRAPH_VOCAB_FILE_CELLS if layout_cells else GRAPH_VOCAB_FILE
-TOKENIZER_DIR = "tokenizer"
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -299,9 +299,9 @@ def ensure_scenes_graph_vocab(raw_dir: PathLike, layout_cells: bool = False
     return graphs.GraphVocab.load(str(path))
   file = str(raw_dir / "train.json")
   train = _load_split(raw_dir, "train")
-  parsed = [_parse_graph(record_graph(r, field, layout_cells), file=file, record=i, field=field)
+  parsed = [_parse_graph(getattr(r, field), file=file, record=i, field=field)
             for i, r in enumerate(train) for field in GRAPH_FIELDS]
-  if layout_cells:  # every cell, also those no training object stands on
+  if layout_cells:  # every cell tag, also of cells no training object stands on
     parsed.append(graphs.SceneGraph(tuple(("attribute", c) for c in scenes.all_layout_cells()),
                                     ()))
   vocab = graphs.GraphVocab.build(parsed)
@@ -461,7 +461,8 @@ def prepare_spatial_scenes(data_dir: PathLike, cfg: Any) -> dict:
                      "num_captions_v2": int(sum(meta["caption_counts_v2"])),
                      "truncation": dict(meta["truncation"])}
   return {"dataset": "spatial_scenes", "config": config.name, "raw_dir": str(raw_dir),
-          "tfds_dir": str(builder.data_path), "graph_vocab": str(raw_dir / graph_vocab_file(config.layout_cells)),
+          "tfds_dir": str(builder.data_path),
+          "graph_vocab": str(raw_dir / graph_vocab_file(config.layout_cells)),
           "graph_vocab_size": len(vocab), "tokenizer": str(raw_dir / TOKENIZER_DIR),
           "text": tokenizer_lib.tokenizer_info(tok), "splits": splits}
 

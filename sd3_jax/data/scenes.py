@@ -739,6 +739,12 @@ def anchored_slots(nodes: Sequence[tuple[str, str]], edges: Sequence[tuple[int, 
   return slots
 
 
+def anchored_object_rows(max_objects: int, cells: bool = False) -> tuple[tuple[int, ...], ...]:
+  """Per object slot of the anchored grid: (the object slot, its attribute slots)."""
+  k, n_attr = max_objects, _ATTR_SLOTS + cells
+  return tuple((a, *range(k + n_attr * a, k + n_attr * (a + 1))) for a in range(k))
+
+
 def anchored_slot_context(max_objects: int,
                           cells: bool = False) -> tuple[tuple[int, ...], ...]:
   """Per anchored slot, the slots a reader of that slot alone needs: (the slot, its first
@@ -749,7 +755,7 @@ def anchored_slot_context(max_objects: int,
   with its context states a whole fact ("small red cube", "red cube left of blue ball").
   """
   k, n_attr = max_objects, _ATTR_SLOTS + cells
-  own = lambda a: (a, *range(k + n_attr * a, k + n_attr * (a + 1)))  # noqa: E731
+  own = anchored_object_rows(k, cells).__getitem__
   none = (-1,) * (1 + n_attr)
   rows = [(a, *own(a), *none) for a in range(k)]
   rows += [(k + i, *own(i // n_attr), *none) for i in range(n_attr * k)]

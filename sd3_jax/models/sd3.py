@@ -148,14 +148,12 @@ class SD3:
                         num_heads=m.text_decoder.num_heads,
                         prefix_dim=m.text_decoder.width + code_dim,
                         max_prefix_length=c.data.max_text_len + c.data.max_nodes)
-    slot_context = lambda: scenes.anchored_slot_context(  # noqa: E731
-        c.data.max_objects, c.data.get("layout_cells", False))
-    graph_context = lambda chain: slot_context() if m[chain].graph_context else None  # noqa: E731
-    # An object slot's context row: itself, its object slot and attributes, then -1s.
-    layout_objects = None
-    if m.image_denoiser.get("layout_canvas", False):
-      rows = slot_context()[:c.data.max_objects]
-      layout_objects = tuple(row[1:len(row) // 2 + 1] for row in rows)
+    cells = c.data.get("layout_cells", False)
+    graph_context = lambda chain: (  # noqa: E731
+        scenes.anchored_slot_context(c.data.max_objects, cells)
+        if m[chain].graph_context else None)
+    layout_objects = (scenes.anchored_object_rows(c.data.max_objects, cells)
+                      if m.image_denoiser.get("layout_canvas", False) else None)
     nets = dict(
         vqvae=vq,
         clip=clip,
